@@ -1,0 +1,266 @@
+"""The `neodeploy` command. Every NeodeployError becomes one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from neodeploy import __version__
+from neodeploy.errors import NeodeployError, UsageError
+from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
+
+DEFAULT_PRESET = "pythia-14m"
+DEFAULT_PROMPT = "The quick brown fox"
+
+# make-checkpoint overrides: flag -> ModelSpec field
+OVERRIDES = {
+    "layers": "num_layers",
+    "hidden": "hidden_size",
+    "heads": "num_heads",
+    "intermediate": "intermediate_size",
+    "vocab": "vocab_size",
+    "max_positions": "max_positions",
+    "window": "window_size",
+    "rotary_pct": "rotary_pct",
+}
+
+
+def _spec_with_overrides(args: argparse.Namespace) -> ModelSpec:
+    spec = preset(args.preset)
+    changes = {field: getattr(args, flag) for flag, field in OVERRIDES.items() if getattr(args, flag) is not None}
+    if "hidden_size" in changes and "intermediate_size" not in changes:
+        changes["intermediate_size"] = 4 * changes["hidden_size"]
+    if "window_size" in changes and spec.family != "gpt_neo":
+        raise UsageError("--window applies to GPT-Neo presets only")
+    if "rotary_pct" in changes and spec.family != "gpt_neox":
+        raise UsageError("--rotary-pct applies to GPT-NeoX presets only")
+    return spec.replace(**changes) if changes else spec
+
+
+def _sizes_table(spec: ModelSpec) -> list[tuple[str, str]]:
+    n = spec.num_parameters()
+    kv_per_token = 2 * spec.num_layers * spec.hidden_size
+    rows = [
+        ("family", spec.family),
+        ("layers / hidden / heads / head dim", f"{spec.num_layers} / {spec.hidden_size} / {spec.num_heads} / {spec.head_dim}"),
+        ("intermediate / vocab / max positions", f"{spec.intermediate_size} / {spec.vocab_size} / {spec.max_positions}"),
+        ("activation / layer-norm eps", f"{spec.activation} / {spec.layer_norm_eps:g}"),
+    ]
+    if spec.family == "gpt_neo":
+        local = sum(k == "local" for k in spec.attention_layers)
+        rows.append(("attention", f"{spec.num_layers - local} global, {local} local (window {spec.window_size})"))
+    else:
+        scaling = f", {spec.rope_scaling_type} x{spec.rope_scaling_factor:g}" if spec.rope_scaling_type else ""
+        rows.append(("rotary", f"{spec.rotary_dims} of {spec.head_dim} dims, base {spec.rotary_base:g}{scaling}"))
+        rows.append(("residual", "parallel" if spec.parallel_residual else "sequential"))
+    rows += [
+        ("tied embeddings", str(spec.tied_embeddings)),
+        ("parameters", f"{human_count(n)} ({n:,})"),
+        ("weights fp32 / fp16", f"{human_bytes(4 * n)} / {human_bytes(2 * n)}"),
+        ("KV cache per token fp32 / fp16", f"{human_bytes(4 * kv_per_token)} / {human_bytes(2 * kv_per_token)}"),
+        (
+            f"KV cache at {spec.max_positions} tokens, fp16",
+            human_bytes(2 * kv_per_token * spec.max_positions),
+        ),
+    ]
+    return rows
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    print(f"{'preset':<14} {'family':<9} {'layers':>6} {'hidden':>6} {'heads':>5} {'params':>8} {'fp32':>10} {'fp16':>10}")
+    for name, spec in PRESETS.items():
+        n = spec.num_parameters()
+        print(
+            f"{name:<14} {spec.family:<9} {spec.num_layers:>6} {spec.hidden_size:>6} {spec.num_heads:>5} "
+            f"{human_count(n):>8} {human_bytes(4 * n):>10} {human_bytes(2 * n):>10}"
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.preset is None):
+        raise UsageError("give either a CHECKPOINT folder or --preset NAME")
+    spec = preset(args.preset) if args.preset else load_spec(args.checkpoint)
+    if args.json:
+        print(json.dumps({**spec.to_dict(), "num_parameters": spec.num_parameters()}, indent=2))
+        return 0
+    print(f"{args.preset or args.checkpoint}:")
+    _print_rows(_sizes_table(spec))
+    return 0
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> int:
+    from neodeploy.reference.checkpoint import make_checkpoint
+
+    spec = _spec_with_overrides(args)
+    n = spec.num_parameters()
+    print(f"writing a random-initialised {args.preset} ({human_count(n)} parameters, {args.dtype}) to {args.out} ...")
+    start = time.perf_counter()
+    out = make_checkpoint(
+        spec, args.out, seed=args.seed, dtype=args.dtype, tokenizer_dir=args.tokenizer, overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_size * 1e9), file_format=args.format,
+    )
+    files = sorted(p.name for p in out.iterdir())
+    size = sum(p.stat().st_size for p in out.iterdir())
+    print(f"done in {time.perf_counter() - start:.1f} s: {human_bytes(size)} in {', '.join(files)}")
+    if not any(name.startswith(("tokenizer", "vocab")) for name in files):
+        print("note: no tokenizer written (vocabulary under 257 tokens and no --tokenizer given)")
+    return 0
+
+
+def _run_reference(checkpoint: Path, prompt: str | None, ids: list[int] | None, max_new_tokens: int, dtype: str) -> dict:
+    from neodeploy.reference.checkpoint import load_checkpoint
+    from neodeploy.reference.generate import greedy_generate
+    from neodeploy.runtime.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    model = load_checkpoint(checkpoint, dtype=dtype)
+    load_s = time.perf_counter() - start
+    tokenizer = None
+    if ids is None:
+        tokenizer = Tokenizer.from_dir(checkpoint)
+        ids = tokenizer.encode(prompt)
+    eos = tokenizer.eos_token_id if tokenizer else model.spec.eos_token_id
+    result = greedy_generate(model, ids, max_new_tokens, eos_token_id=eos)
+    text = tokenizer.decode(result.output_ids) if tokenizer else None
+    steps = max(len(result.output_ids) - 1, 1)
+    return {
+        "checkpoint": str(checkpoint),
+        "prompt": prompt,
+        "prompt_ids": result.prompt_ids,
+        "output_ids": result.output_ids,
+        "text": text,
+        "load_s": round(load_s, 3),
+        "prefill_ms": round(1e3 * result.prefill_s, 2),
+        "decode_ms_per_token": round(1e3 * result.decode_s / steps, 2),
+    }
+
+
+def _print_reference(r: dict) -> None:
+    print(f"  prompt        {r['prompt']!r} -> {len(r['prompt_ids'])} tokens {r['prompt_ids'][:12]}")
+    print(f"  greedy ids    {r['output_ids']}")
+    if r["text"] is not None:
+        print(f"  greedy text   {r['text']!r}")
+    print(f"  load {r['load_s']:.2f} s · prefill {r['prefill_ms']:.1f} ms · decode {r['decode_ms_per_token']:.1f} ms/token")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as exc:
+        raise UsageError(f"--ids expects integers separated by spaces or commas, got {text!r}") from exc
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.ids is None):
+        raise UsageError("give either a PROMPT or --ids")
+    ids = _parse_ids(args.ids) if args.ids is not None else None
+    result = _run_reference(Path(args.checkpoint), args.prompt, ids, args.max_new_tokens, args.dtype)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"reference ({args.dtype}) on {args.checkpoint}:")
+        _print_reference(result)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job end to end on a built-in default: no network, no user files."""
+    from neodeploy.reference.checkpoint import make_checkpoint
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = workdir / "checkpoint"
+    spec = preset(args.preset)
+    print(f"[1/2] make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
+    start = time.perf_counter()
+    make_checkpoint(spec, checkpoint, seed=0, overwrite=True)
+    print(f"      {checkpoint} written in {time.perf_counter() - start:.1f} s")
+    print(f"[2/2] reference: greedy {args.max_new_tokens} tokens from {args.prompt!r}")
+    _print_reference(_run_reference(checkpoint, args.prompt, None, args.max_new_tokens, "float32"))
+    print("demo complete (random weights: the text is noise; the pipeline is what is being shown)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2, like ours
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="neodeploy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"neodeploy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("presets", help="list the built-in published architectures with their sizes")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("inspect", help="show the normalised ModelSpec and the memory a model needs")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder with config.json")
+    p.add_argument("--preset", help="a preset name instead of a folder")
+    p.add_argument("--json", action="store_true", help="print the ModelSpec as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("make-checkpoint", help="write a random-initialised checkpoint in Hugging Face layout")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("out", help="folder to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--tokenizer", help="folder with tokenizer files to copy (default: a built-in byte tokenizer)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "bin"], help="weight file format")
+    p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB", help="shard above this size (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    for flag, field in OVERRIDES.items():
+        kind = float if field == "rotary_pct" else int
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"override {field}")
+    p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("reference", help="greedy-generate with the PyTorch reference model")
+    p.add_argument("checkpoint")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--ids", help="prompt as token ids instead of text, e.g. '1 2 3'")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reference)
+
+    p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
+    p.add_argument("--preset", default=DEFAULT_PRESET)
+    p.add_argument("--workdir", help="where to write the checkpoint (default: a new temporary folder)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_new_tokens", 1) is not None and getattr(args, "max_new_tokens", 1) < 1:
+        print("neodeploy: error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except NeodeployError as exc:
+        print(f"neodeploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neodeploy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Typed errors a user can cause. The CLI turns every NeodeployError into one line and exit status 2."""
+
+
+class NeodeployError(Exception):
+    """Base class: the message is one line that says what is wrong and what to do."""
+
+
+class ConfigError(NeodeployError):
+    """config.json (or a preset/override) describes a model we cannot represent exactly."""
+
+
+class CheckpointError(NeodeployError):
+    """The weights on disk are missing, corrupt, unsafe, or do not match the config."""
+
+
+class TokenizerError(NeodeployError):
+    """No usable tokenizer files, or text the tokenizer cannot handle."""
+
+
+class UsageError(NeodeployError):
+    """A command-line or API argument is out of range or contradicts another."""

@@ -1,0 +1,1 @@
+"""Deployment profiles (TOML) shipped as package data; read them with importlib.resources."""

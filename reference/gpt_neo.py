@@ -1,0 +1,127 @@
+"""GPT-Neo (EleutherAI gpt-neo-125m / 1.3B / 2.7B) in plain PyTorch.
+
+Parameter names mirror transformers' GPTNeoForCausalLM so a Hugging Face state dict loads as is.
+Numerics as transformers' eager path: q, k, v without bias; queries NOT scaled by 1/sqrt(head_dim);
+q·kᵀ and softmax in fp32; local layers see keys i - window < j <= i; learned absolute positions;
+lm_head tied to wte.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from neodeploy.reference.layers import (
+    ACTIVATIONS,
+    KVCache,
+    allowed_keys,
+    default_attention_mask,
+    default_position_ids,
+    masked_softmax,
+    merge_heads,
+    past_length,
+    split_heads,
+)
+from neodeploy.reference.spec import ModelSpec
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h = spec.hidden_size
+        self.num_heads = spec.num_heads
+        self.k_proj = nn.Linear(h, h, bias=False)
+        self.v_proj = nn.Linear(h, h, bias=False)
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.out_proj = nn.Linear(h, h, bias=True)
+
+    def forward(self, x: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        q = split_heads(self.q_proj(x), self.num_heads)
+        k = split_heads(self.k_proj(x), self.num_heads)
+        v = split_heads(self.v_proj(x), self.num_heads)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        # GPT-Neo's unscaled q·kᵀ overflows fp16: always fp32.
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+        probs = masked_softmax(scores, allowed).to(v.dtype)
+        return self.out_proj(merge_heads(torch.matmul(probs, v))), k, v
+
+
+class Attention(nn.Module):
+    """Only here so the parameter path reads `attn.attention.*`, as in Hugging Face checkpoints."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.attention = SelfAttention(spec)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.c_fc = nn.Linear(spec.hidden_size, spec.intermediate_size)
+        self.c_proj = nn.Linear(spec.intermediate_size, spec.hidden_size)
+        self.act = ACTIVATIONS[spec.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, kind: str):
+        super().__init__()
+        self.window = spec.window_size if kind == "local" else None
+        self.ln_1 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.attn = Attention(spec)
+        self.ln_2 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.mlp = MLP(spec)
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
+        self.h = nn.ModuleList(Block(spec, kind) for kind in spec.attention_layers)
+        self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+
+
+class GPTNeo(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        assert spec.family == "gpt_neo"
+        self.spec = spec
+        self.transformer = Transformer(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.spec.tied_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        seq = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = default_attention_mask(input_ids, past_length(past_key_values))
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, seq)
+        t = self.transformer
+        x = t.wte(input_ids) + t.wpe(position_ids)
+        global_allowed = allowed_keys(attention_mask, seq, None)
+        local_allowed = allowed_keys(attention_mask, seq, self.spec.window_size) if self.spec.window_size else None
+        present: KVCache = []
+        for i, block in enumerate(t.h):
+            allowed = global_allowed if block.window is None else local_allowed
+            past = past_key_values[i] if past_key_values else None
+            a, k, v = block.attn.attention(block.ln_1(x), allowed, past)
+            x = x + a
+            x = x + block.mlp(block.ln_2(x))
+            present.append((k, v))
+        logits = self.lm_head(t.ln_f(x))
+        return logits.float(), present

@@ -1,0 +1,146 @@
+"""GPT-NeoX (Pythia, gpt-neox-20b, Dolly v2, StableLM-alpha, RedPajama-INCITE, ...) in plain PyTorch.
+
+Parameter names mirror transformers' GPTNeoXForCausalLM (with the v4 name `embed_out`).
+Numerics as transformers' eager path: fused query_key_value viewed [heads, 3, head_dim]; rotary on the
+first int(head_dim * rotary_pct) dims with rotate_half, cos/sin computed in fp32; scale 1/sqrt(head_dim);
+softmax in fp32; parallel residual x + attn(ln1(x)) + mlp(ln2(x)) or sequential; untied embed_out.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from neodeploy.reference.layers import (
+    ACTIVATIONS,
+    KVCache,
+    allowed_keys,
+    default_attention_mask,
+    default_position_ids,
+    masked_softmax,
+    merge_heads,
+    past_length,
+)
+from neodeploy.reference.spec import ModelSpec
+
+
+def rotary_cos_sin(spec: ModelSpec, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin [batch, 1, seq, rotary_dims] in fp32; linear scaling divides the frequencies by the factor."""
+    dims = spec.rotary_dims
+    exponent = torch.arange(0, dims, 2, dtype=torch.int64, device=position_ids.device).float() / dims
+    inv_freq = 1.0 / (spec.rotary_base**exponent)
+    if spec.rope_scaling_type == "linear":
+        inv_freq = inv_freq / spec.rope_scaling_factor
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, dims: int) -> Tensor:
+    rot, keep = x[..., :dims], x[..., dims:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([rot * cos + rotate_half(rot) * sin, keep], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h = spec.hidden_size
+        self.num_heads, self.head_dim, self.rotary_dims = spec.num_heads, spec.head_dim, spec.rotary_dims
+        self.scale = spec.head_dim**-0.5
+        self.query_key_value = nn.Linear(h, 3 * h, bias=spec.attention_bias)
+        self.dense = nn.Linear(h, h, bias=spec.attention_bias)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q = apply_rotary(q, cos, sin, self.rotary_dims)
+        k = apply_rotary(k, cos, sin, self.rotary_dims)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        probs = masked_softmax(scores, allowed).to(v.dtype)
+        return self.dense(merge_heads(torch.matmul(probs, v))), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(spec.hidden_size, spec.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(spec.intermediate_size, spec.hidden_size)
+        self.act = ACTIVATIONS[spec.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.parallel = spec.parallel_residual
+        self.input_layernorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.attention = Attention(spec)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, cos, sin, allowed, past):
+        a, k, v = self.attention(self.input_layernorm(x), cos, sin, allowed, past)
+        if self.parallel:
+            x = x + a + self.mlp(self.post_attention_layernorm(x))
+        else:
+            x = x + a
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class Body(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.embed_in = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Layer(spec) for _ in range(spec.num_layers))
+        self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        assert spec.family == "gpt_neox"
+        self.spec = spec
+        self.gpt_neox = Body(spec)
+        self.embed_out = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.spec.tied_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        seq = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = default_attention_mask(input_ids, past_length(past_key_values))
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, seq)
+        cos, sin = rotary_cos_sin(self.spec, position_ids)
+        allowed = allowed_keys(attention_mask, seq, None)
+        x = self.gpt_neox.embed_in(input_ids)
+        present: KVCache = []
+        for i, layer in enumerate(self.gpt_neox.layers):
+            x, k, v = layer(x, cos, sin, allowed, past_key_values[i] if past_key_values else None)
+            present.append((k, v))
+        logits = self.embed_out(self.gpt_neox.final_layer_norm(x))
+        return logits.float(), present
