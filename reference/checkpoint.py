@@ -130,9 +130,9 @@ def _canonical_name(name: str, spec: ModelSpec) -> str:
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype | None = torch.float32) -> nn.Module:
     """Load a checkpoint folder as a reference model in eval mode (fp32 unless asked; "auto" keeps the file's)."""
+    target = parse_dtype(dtype)
     folder = Path(path)
     spec = load_spec(folder)
-    target = parse_dtype(dtype)
     with torch.device("meta"):
         model = build_model(spec)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

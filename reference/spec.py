@@ -127,6 +127,13 @@ class ModelSpec:
 
     def replace(self, **changes: Any) -> ModelSpec:
         """dataclasses.replace that keeps the derived per-layer pattern consistent with num_layers."""
+        if "vocab_size" in changes:
+            # A shrunken vocabulary (tests, capacity planning) cannot keep special ids past its end.
+            last = changes["vocab_size"] - 1
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = changes.get(key, getattr(self, key))
+                if value is not None and value > last:
+                    changes[key] = last
         if "num_layers" in changes and "attention_layers" not in changes:
             n = changes["num_layers"]
             pattern = self.attention_layers or ("global",)
@@ -341,7 +348,7 @@ def hf_config(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- presets
 
 def _pythia(hidden: int, layers: int, heads: int) -> ModelSpec:
-    # EleutherAI/pythia-*/config.json: vocab 50304, rotary_pct 0.25, base 10000, parallel residual,
+    # EleutherAI/pythia-*/config.json: vocab 50304 (6.9b: 50432, 12b: 50688), rotary_pct 0.25, base 10000, parallel residual,
     # gelu (erf), untied embed_out, bos = eos = 0.
     return ModelSpec(
         family="gpt_neox", vocab_size=50304, hidden_size=hidden, num_layers=layers, num_heads=heads,
@@ -370,8 +377,9 @@ PRESETS: dict[str, ModelSpec] = {
     "pythia-1b": _pythia(2048, 16, 8),
     "pythia-1.4b": _pythia(2048, 24, 16),
     "pythia-2.8b": _pythia(2560, 32, 32),
-    "pythia-6.9b": _pythia(4096, 32, 32),
-    "pythia-12b": _pythia(5120, 36, 40),
+    # The two largest Pythia models pad their embeddings further (tensor-parallel training).
+    "pythia-6.9b": _pythia(4096, 32, 32).replace(vocab_size=50432),
+    "pythia-12b": _pythia(5120, 36, 40).replace(vocab_size=50688),
     # EleutherAI/gpt-neox-20b/config.json. Its eos_token_id is 2, but the tokenizer's <|endoftext|> is 0
     # and that is what the model emits; the tokenizer wrapper resolves EOS from the tokenizer for that reason.
     "gpt-neox-20b": _pythia(6144, 44, 64).replace(

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real-architecture specs, checkpoint makers, the transformers oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neodeploy.reference import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"
+
+
+def tiny_neox(**changes):
+    spec = preset("pythia-14m").replace(
+        num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=320, max_positions=128
+    )
+    return spec.replace(**changes) if changes else spec
+
+
+def tiny_neo(**changes):
+    spec = preset("gpt-neo-125m").replace(
+        num_layers=3, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=320, max_positions=128,
+        window_size=4,
+    )
+    return spec.replace(**changes) if changes else spec
+
+
+@pytest.fixture
+def make(tmp_path):
+    """make(spec, name, **kw) -> checkpoint folder. init_std 0.1 keeps logits O(1) so errors show."""
+    from neodeploy.reference import make_checkpoint
+
+    def _make(spec, name="ckpt", **kw):
+        kw.setdefault("init_std", 0.1)
+        return make_checkpoint(spec, tmp_path / name, **kw)
+
+    return _make
+
+
+def hf_load(path, dtype=None):
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), attn_implementation="eager", dtype=dtype or torch.float32
+    ).eval()
+
+
+def tokenizer_dir(name: str) -> Path:
+    path = SHARED_TOKENIZERS / name
+    if not path.is_dir():
+        pytest.skip(f"real tokenizer files not found at {path} (the ../shared/data folder is absent)")
+    return path
