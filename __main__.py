@@ -1,0 +1,5 @@
+import sys
+
+from neodeploy.cli import main
+
+sys.exit(main())

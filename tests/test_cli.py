@@ -1,0 +1,123 @@
+"""The `neodeploy` command as a user runs it: outputs, exit statuses, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import hf_load, tiny_neox
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_make_checkpoint_and_reference_match_transformers_generate(tmp_path):
+    out = tmp_path / "ckpt"
+    run("make-checkpoint", "--preset", "pythia-70m", out, "--layers", 2, "--hidden", 64, "--heads", 4,
+        "--vocab", 512, "--seed", 7)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (2, 64, 256)
+    result = json.loads(run("reference", out, "Hello there", "--max-new-tokens", 8, "--json").stdout)
+    prompt = torch.tensor([result["prompt_ids"]])
+    want = hf_load(out).generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0)
+    assert result["output_ids"] == want[0, prompt.shape[1]:].tolist()
+    assert len(result["prompt_ids"]) == len("Hello there".encode())
+
+
+def test_inspect_and_presets():
+    text = run("inspect", "--preset", "pythia-160m").stdout
+    assert "162.3M (162,322,944)" in text and "16 of 64 dims" in text
+    spec = json.loads(run("inspect", "--preset", "gpt-neo-125m", "--json").stdout)
+    assert spec["num_parameters"] == 125_198_592 and spec["window_size"] == 256
+    listing = run("presets").stdout
+    assert listing.count("\n") == 14 and "gpt-neox-20b" in listing and "82.22 GB" in listing
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = run("demo", "--workdir", tmp_path, "--max-new-tokens", 4).stdout
+    assert "demo complete" in out and (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def _broken(tmp_path, kind):
+    from neodeploy.reference import make_checkpoint
+
+    spec = tiny_neox()
+    path = make_checkpoint(spec, tmp_path / kind, file_format="bin" if kind == "bin-object" else "safetensors")
+    config = json.loads((path / "config.json").read_text())
+    if kind == "no-config":
+        (path / "config.json").unlink()
+    elif kind == "model-type":
+        (path / "config.json").write_text(json.dumps({**config, "model_type": "bloom"}))
+    elif kind == "mismatch":
+        (path / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    elif kind == "rope":
+        (path / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "dynamic", "factor": 2}}))
+    elif kind == "bin-object":
+        state = torch.load(path / "pytorch_model.bin", weights_only=True)
+        torch.save({**state, "optimizer": {"lr": 0.1}}, path / "pytorch_model.bin")
+    elif kind == "truncated":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[:-100])
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "does not exist"),
+        ("no-config", "has no config.json"),
+        ("model-type", "model_type 'bloom' is not supported"),
+        ("mismatch", "config.json does not match the weights"),
+        ("rope", "rope scaling 'dynamic'"),
+        ("bin-object", "non-tensor object under 'optimizer'"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_bad_checkpoints_give_one_line_and_exit_2(tmp_path, kind, message):
+    path = tmp_path / "nowhere" if kind == "missing" else _broken(tmp_path, kind)
+    proc = run("reference", path, "--ids", "1 2 3", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_bad_arguments_exit_2_and_lose_nothing(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run("make-checkpoint", "--preset", "pythia-14m", out, check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    for args, message in (
+        (("make-checkpoint", "--preset", "pythia-99m", tmp_path / "x"), "unknown preset"),
+        (("make-checkpoint", "--preset", "pythia-14m", tmp_path / "y", "--heads", 5), "not divisible"),
+        (("make-checkpoint", "--preset", "pythia-14m", tmp_path / "z", "--window", 8), "GPT-Neo presets only"),
+        (("inspect",), "either a CHECKPOINT"),
+        (("reference", tmp_path, "--ids", "a b"), "--ids expects integers"),
+        (("reference", tmp_path, "hi", "--max-new-tokens", 0), "at least 1"),
+        (("bogus-command",), "invalid choice"),
+    ):
+        proc = run(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_reference_refuses_prompts_it_cannot_run(tmp_path):
+    from neodeploy.reference import make_checkpoint
+
+    path = make_checkpoint(tiny_neox(), tmp_path / "c")
+    proc = run("reference", path, "--ids", "1 2 999", check=False)
+    assert proc.returncode == 2 and "token id 999 is outside the vocabulary" in proc.stderr
+    proc = run("reference", path, "--ids", "1 2", "--max-new-tokens", 200, check=False)
+    assert proc.returncode == 2 and "exceeds the model's 128 positions" in proc.stderr
