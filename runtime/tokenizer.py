@@ -124,6 +124,20 @@ def resolve_special_ids(tk: Any, folder: Path) -> tuple[int | None, int | None, 
     return eos, pad, bos
 
 
+def _byte_chars() -> list[str]:
+    """The byte-level alphabet in byte order (GPT-2's bytes_to_unicode): printable bytes stand for themselves,
+    the rest map to code points from 256 up. ByteLevel.alphabet() has no stable order, so we rebuild it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
 def builtin_byte_tokenizer(eos_token_id: int | None, vocab_size: int) -> Any | None:
     """A byte-level tokenizer (one token per byte + <|endoftext|>) for checkpoints made without real tokenizer
     files, so the offline demo can run on text. None when the vocabulary is too small to hold it."""
@@ -134,7 +148,7 @@ def builtin_byte_tokenizer(eos_token_id: int | None, vocab_size: int) -> Any | N
     if vocab_size < 257 or not 0 <= eos < vocab_size:
         return None
     free = (i for i in range(vocab_size) if i != eos)
-    vocab = {char: next(free) for char in pre_tokenizers.ByteLevel.alphabet()}
+    vocab = {char: next(free) for char in _byte_chars()}
     vocab[EOT] = eos
     tk = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
