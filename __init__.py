@@ -8,11 +8,14 @@ onnxruntime + tokenizers).
 __version__ = "0.1.0"
 
 from neodeploy.errors import (  # noqa: E402
+    ArtifactError,
     CheckpointError,
     ConfigError,
     NeodeployError,
     TokenizerError,
     UsageError,
+    ExportError,
+    VerificationError,
 )
 
-__all__ = ["__version__", "NeodeployError", "ConfigError", "CheckpointError", "TokenizerError", "UsageError"]
+__all__ = ["__version__", "NeodeployError", "ArtifactError", "ExportError", "VerificationError", "ConfigError", "CheckpointError", "TokenizerError", "UsageError"]

@@ -176,6 +176,14 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from neodeploy.export import export
+
+    export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
+           overwrite=args.overwrite)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
     from neodeploy.reference.checkpoint import make_checkpoint
@@ -238,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reference)
 
+    p = sub.add_parser("export", help="export a checkpoint to a verified ONNX artifact folder (KV-cache I/O)")
+    p.add_argument("checkpoint", help="Hugging Face checkpoint folder (config.json + weights)")
+    p.add_argument("out_dir", help="artifact folder to create")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (with fp32 islands)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..21 (default 18)")
+    p.add_argument("--max-context", type=int, help="longest prompt + generation the artifact serves "
+                   "(default: the model's max positions)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", default=DEFAULT_PRESET)
     p.add_argument("--workdir", help="where to write the checkpoint (default: a new temporary folder)")
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except NeodeployError as exc:
         print(f"neodeploy: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("neodeploy: interrupted", file=sys.stderr)
         return 130

@@ -19,3 +19,17 @@ class TokenizerError(NeodeployError):
 
 class UsageError(NeodeployError):
     """A command-line or API argument is out of range or contradicts another."""
+
+
+class ArtifactError(NeodeployError):
+    """An artifact folder is missing, incomplete, corrupt, or of another format version."""
+
+
+class ExportError(NeodeployError):
+    """The export cannot run as asked (destination, precision, opset, context length)."""
+
+
+class VerificationError(NeodeployError):
+    """An export, engine or deployment drifted from the reference beyond tolerance; exit status 1."""
+
+    exit_code = 1

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from neodeploy.errors import CheckpointError, UsageError
 from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
+from neodeploy.files import make_temp_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -219,7 +219,7 @@ def make_checkpoint(
         raise UsageError(f"parent folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent}; choose a writable destination")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    tmp = make_temp_dir(out)
     try:
         with torch.device("meta"):
             model = build_model(spec)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from neodeploy.reference.layers import (
     ACTIVATIONS,
     KVCache,
+    LayerNorm,
     allowed_keys,
     default_attention_mask,
     default_position_ids,
@@ -71,9 +72,9 @@ class Block(nn.Module):
     def __init__(self, spec: ModelSpec, kind: str):
         super().__init__()
         self.window = spec.window_size if kind == "local" else None
-        self.ln_1 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.ln_1 = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.attn = Attention(spec)
-        self.ln_2 = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.ln_2 = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.mlp = MLP(spec)
 
 
@@ -83,7 +84,7 @@ class Transformer(nn.Module):
         self.wte = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.wpe = nn.Embedding(spec.max_positions, spec.hidden_size)
         self.h = nn.ModuleList(Block(spec, kind) for kind in spec.attention_layers)
-        self.ln_f = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.ln_f = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
 
 
 class GPTNeo(nn.Module):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from neodeploy.reference.layers import (
     ACTIVATIONS,
     KVCache,
+    LayerNorm,
     allowed_keys,
     default_attention_mask,
     default_position_ids,
@@ -87,8 +88,8 @@ class Layer(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.parallel = spec.parallel_residual
-        self.input_layernorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.input_layernorm = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.post_attention_layernorm = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.attention = Attention(spec)
         self.mlp = MLP(spec)
 
@@ -107,7 +108,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_in = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Layer(spec) for _ in range(spec.num_layers))
-        self.final_layer_norm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
 
 
 class GPTNeoX(nn.Module):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 KVCache = list[tuple[Tensor, Tensor]]
 
@@ -30,6 +30,14 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_fast": _gelu_fast,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the model dtype: fp16 LayerNorm inputs overflow. For an fp32 model
+    the casts are no-ops; for an fp16 export they become the Casts of an fp32 island in the graph."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def default_attention_mask(input_ids: Tensor, past_len: int) -> Tensor:

@@ -1,0 +1,214 @@
+"""Tracing the reference into one ONNX decoder graph with KV-cache I/O (Optimum's names), and tidying it.
+
+One graph serves prefill (past length 0) and cached decode; masks are built inside it from
+attention_mask, so it has no If/Loop nodes. The exporter is the one PyTorch maintains today,
+torch.onnx.export(dynamo=True), with dynamic batch, sequence and past dimensions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from neodeploy.errors import UsageError
+from neodeploy.reference.spec import ModelSpec
+
+DEFAULT_OPSET = 18
+SUPPORTED_OPSETS = range(17, 22)
+# onnxruntime 1.31 reads IR version <= 13 while onnx >= 1.23 writes 14 by default: pin it.
+IR_VERSION = 10
+DATA_SUFFIX = ".data"
+
+
+def input_names(spec: ModelSpec) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")
+    ]
+
+
+def output_names(spec: ModelSpec) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+
+
+class _Decoder(nn.Module):
+    """The reference with the cache as a list of (key, value) pairs in and out, as the exporter flattens it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        return self.model(input_ids, attention_mask, position_ids, past_key_values)
+
+
+def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
+    # torch.export specialises dimensions of size 0 and 1: trace with batch 2, seq 3, past 4; the verify stage
+    # proves batch 1, past 0 (prefill) and seq 1 (decode) work in the exported graph.
+    batch, seq, past = 2, 3, 4
+    ids = torch.randint(0, spec.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    shape = (batch, spec.num_heads, past, spec.head_dim)
+    cache = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(spec.num_layers)]
+    return ids, mask, pos, cache
+
+
+def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export `model` to `path` + `path.data` with dynamic batch / sequence / past dimensions.
+
+    The exporter's own save streams each weight from the torch tensors into the data file, so the export
+    never holds a second in-memory copy of the weights (a ModelProto would). onnxscript's rewrite rules keep
+    a reference to the last graph they matched, and through it to every weight, so callers that go on
+    working should run this in a child process (see trace_in_subprocess)."""
+    if opset not in SUPPORTED_OPSETS:
+        raise UsageError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    spec: ModelSpec = model.spec
+    dtype = next(model.parameters()).dtype
+    auto = torch.export.Dim.AUTO
+    static = torch.export.Dim.STATIC
+    dynamic = {
+        "input_ids": {0: auto, 1: auto},
+        "attention_mask": {0: auto, 1: auto},
+        "position_ids": {0: auto, 1: auto},
+        "past_key_values": [({0: auto, 1: static, 2: auto, 3: static},) * 2 for _ in range(spec.num_layers)],
+    }
+    # The exporter narrates every stage on stdout and warns about internals; our own progress says enough.
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Decoder(model),
+            _example_inputs(spec, dtype),
+            dynamo=True,
+            input_names=input_names(spec),
+            output_names=output_names(spec),
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=True)
+    data = path.with_name(path.name + DATA_SUFFIX)
+    if not data.is_file():
+        raise RuntimeError(f"the exporter did not write {data.name}")
+
+
+def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str) -> None:
+    from neodeploy.reference.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, dtype=torch.float16 if precision == "fp16" else torch.float32)
+    trace(model, Path(path), opset)
+
+
+def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str) -> None:
+    """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision).result()
+
+
+def convert(path: Path, spec: ModelSpec, precision: str) -> None:
+    """Readable dimension names, a pinned IR version and the checked I/O contract; weights stay where they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dynamic_dims(model, spec)
+    model.ir_version = IR_VERSION
+    check_io(model, spec, precision)
+    onnx.save_model(model, str(path))
+
+
+def check_io(model: onnx.ModelProto, spec: ModelSpec, precision: str) -> None:
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != input_names(spec) or outputs != output_names(spec):
+        raise RuntimeError(f"exported graph has unexpected I/O names: {inputs} -> {outputs}")
+    if model.graph.output[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise RuntimeError("exported logits are not fp32")
+    want = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
+    if model.graph.input[3].type.tensor_type.elem_type != want:
+        raise RuntimeError(f"exported KV cache is not {precision}")
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+    names = ("torch.export", "torch._dynamo", "torch.onnx", "onnxscript", "torch.fx.experimental.symbolic_shapes")
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _name_dynamic_dims(model: onnx.ModelProto, spec: ModelSpec) -> None:
+    """Replace the exporter's symbols (s26, s62 + s70, ...) with Optimum's readable dimension names."""
+    names = {
+        "input_ids": ("batch_size", "sequence_length"),
+        "position_ids": ("batch_size", "sequence_length"),
+        "attention_mask": ("batch_size", "past_sequence_length + sequence_length"),
+        "logits": ("batch_size", "sequence_length", None),
+    }
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.name.startswith("past_key_values."):
+            wanted = ("batch_size", None, "past_sequence_length", None)
+        elif value.name.startswith("present."):
+            wanted = ("batch_size", None, "past_sequence_length + sequence_length", None)
+        else:
+            wanted = names[value.name]
+        for dim, name in zip(dims, wanted):
+            if name is not None:
+                dim.dim_param = name
+    # Intermediate shapes still use the exporter's symbols; drop them rather than leave two vocabularies.
+    del model.graph.value_info[:]
+
+
+def op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def clean(path: Path) -> tuple[int, int]:
+    """Constant folding and dead-node removal with onnxslim; returns (nodes before, nodes after).
+
+    The weights never enter memory: external initializers are presented to onnxslim as graph inputs (values it
+    cannot fold, which is right: the exporter already folded everything weight-only) and put back afterwards,
+    still pointing into model.onnx.data.
+    """
+    import onnxslim
+
+    model = onnx.load(str(path), load_external_data=False)
+    before = len(model.graph.node)
+    held = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    held_names = {t.name for t in held}
+    inline = [t for t in model.graph.initializer if t.name not in held_names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inline)
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in held)
+    with contextlib.redirect_stdout(io.StringIO()):
+        slimmed = onnxslim.slim(model)
+    inputs = [i for i in slimmed.graph.input if i.name not in held_names]
+    del slimmed.graph.input[:]
+    slimmed.graph.input.extend(inputs)
+    used = {name for node in slimmed.graph.node for name in node.input}
+    slimmed.graph.initializer.extend(t for t in held if t.name in used)
+    _check_portable(slimmed)
+    slimmed.ir_version = IR_VERSION
+    onnx.save_model(slimmed, str(path))
+    return before, len(slimmed.graph.node)
+
+
+def _check_portable(model: onnx.ModelProto) -> None:
+    bad = {"If", "Loop", "Scan"} & set(op_counts(model))
+    if bad:
+        raise RuntimeError(f"exported graph contains {sorted(bad)} nodes, which TensorRT cannot build")

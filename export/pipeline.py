@@ -1,0 +1,212 @@
+"""`neodeploy export`: checkpoint folder -> verified artifact folder, built beside OUT_DIR and renamed at the end."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from neodeploy import __version__
+from neodeploy.errors import ExportError, UsageError, VerificationError
+from neodeploy.export import graph, verify
+from neodeploy.reference.spec import load_spec
+from neodeploy.files import make_temp_dir, normalise_permissions
+from neodeploy.runtime.manifest import write_manifest
+from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
+
+PRECISIONS = ("fp32", "fp16")
+COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"neodeploy": __version__}
+    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Progress:
+    """Stage-by-stage progress lines with times."""
+
+    def __init__(self, total: int, echo: Callable[[str], None]):
+        self.total, self.echo, self.index, self.start = total, echo, 0, time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def stage(self, name: str, detail: str = ""):
+        progress = self
+
+        class _Stage:
+            def __enter__(self):
+                progress.index += 1
+                self.t0 = time.perf_counter()
+                progress.echo(f"[{progress.index}/{progress.total}] {name}{': ' + detail if detail else ''} ...")
+                return self
+
+            def __exit__(self, kind, exc, tb):
+                if kind is None:
+                    elapsed = time.perf_counter() - self.t0
+                    progress.times[name] = round(elapsed, 2)
+                    progress.echo(f"      {name} done in {elapsed:.1f} s")
+
+        return _Stage()
+
+
+def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, max_context: int | None,
+                  overwrite: bool):
+    """Every argument error before any heavy work, so a bad request writes nothing."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} is not supported; choose fp32 or fp16")
+    if opset not in graph.SUPPORTED_OPSETS:
+        raise UsageError(
+            f"opset {opset} is not supported; choose {graph.SUPPORTED_OPSETS.start}..{graph.SUPPORTED_OPSETS.stop - 1} "
+            f"(default {graph.DEFAULT_OPSET})"
+        )
+    spec = load_spec(checkpoint)
+    if max_context is None:
+        max_context = spec.max_positions
+    if max_context < verify.DECODE_STEPS + 2:
+        raise UsageError(f"--max-context {max_context} is too small; it must be at least {verify.DECODE_STEPS + 2}")
+    if spec.family == "gpt_neo" and max_context > spec.max_positions:
+        raise UsageError(
+            f"--max-context {max_context} exceeds the {spec.max_positions} learned positions of this GPT-Neo "
+            f"checkpoint; use at most {spec.max_positions}"
+        )
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise ExportError(f"parent folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write to {parent}; choose a writable destination")
+    if out_dir.resolve() == checkpoint.resolve():
+        raise ExportError("OUT_DIR is the checkpoint folder itself; choose a new folder for the artifact")
+    return spec, max_context
+
+
+def export(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp32",
+    opset: int = graph.DEFAULT_OPSET,
+    max_context: int | None = None,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+) -> Path:
+    """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift."""
+    import torch
+
+    from neodeploy.reference.checkpoint import load_checkpoint
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite)
+    progress = Progress(6, echo)
+    tmp = make_temp_dir(out_dir)
+    try:
+        with progress.stage("reference", f"{checkpoint} ({spec.family}, {spec.num_layers} layers): fp32 greedy on golden prompts"):
+            model = load_checkpoint(checkpoint, dtype=torch.float32)
+            tokenizer = _tokenizer_or_none(checkpoint)
+            cases = verify.golden_cases(spec, tokenizer, max_context)
+            verify.run_reference(model, cases)
+            del model
+            gc.collect()
+        onnx_path = tmp / "model.onnx"
+        with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
+            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision)
+        with progress.stage("convert", "I/O contract, dimension names, IR version"):
+            graph.convert(onnx_path, spec, precision)
+        with progress.stage("clean", "onnxslim constant folding and dead-node removal"):
+            before, after = graph.clean(onnx_path)
+            echo(f"      nodes: {before} -> {after}")
+        with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
+            decoder = verify.OnnxDecoder(onnx_path, spec)
+            results = [verify.compare(decoder, case, precision) for case in cases]
+            del decoder
+            echo(verify.table(results, precision))
+            if not all(r.passed for r in results):
+                failed = next(r for r in results if not r.passed)
+                raise VerificationError(
+                    f"verification failed on case {failed.name!r} ({'; '.join(failed.notes)}); nothing was published"
+                )
+        with progress.stage("write", str(out_dir)):
+            verify.save_golden(tmp / "golden.npz", cases, precision)
+            for name in COPIED:
+                if (checkpoint / name).is_file():
+                    shutil.copyfile(checkpoint / name, tmp / name)
+            normalise_permissions(tmp)
+            write_manifest(tmp, _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, results,
+                                          before, after, progress.times))
+            _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    echo(f"exported {out_dir} in {time.perf_counter() - progress.start:.1f} s")
+    return out_dir
+
+
+def _tokenizer_or_none(checkpoint: Path) -> Tokenizer | None:
+    if not any((checkpoint / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None
+    return Tokenizer.from_dir(checkpoint)
+
+
+def _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, results, before, after, times) -> dict:
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec.to_dict(),
+        "source": {"checkpoint": str(checkpoint.resolve())},
+        "max_context": max_context,
+        "precision": precision,
+        "onnx": {
+            "file": "model.onnx",
+            "external_data": "model.onnx" + graph.DATA_SUFFIX,
+            "opset": opset,
+            "ir_version": graph.IR_VERSION,
+            "target": "portable",
+            "inputs": graph.input_names(spec),
+            "outputs": graph.output_names(spec),
+            "nodes_before_clean": before,
+            "nodes": after,
+            "fp32_islands": ["LayerNormalization", "Softmax", *(["GPT-Neo q·kᵀ"] if spec.family == "gpt_neo" else []),
+                             "logits"] if precision == "fp16" else [],
+        },
+        "tokenizer": None if tokenizer is None else {
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        "verification": {
+            "tolerance_relative": verify.TOLERANCE[precision],
+            "decode_steps": verify.DECODE_STEPS,
+            "cases": [
+                {"name": r.name, "batch": r.batch, "prompt_lengths": r.prompt_lengths,
+                 "max_abs_error": r.max_abs_error, "scale": r.scale, "greedy_agree": r.greedy_agree,
+                 "greedy_total": r.greedy_total}
+                for r in results
+            ],
+        },
+        "stage_seconds": times,
+        "versions": _versions(),
+    }
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an old OUT_DIR (only with --overwrite) goes only once the new one is in."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)

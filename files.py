@@ -1,0 +1,35 @@
+"""Small filesystem helpers every stage uses: atomic work folders, permissions, hashes. Torch-free."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_temp_dir(final: Path) -> Path:
+    """A work folder beside `final` (same filesystem, so publishing is one rename), with the permissions a
+    plain mkdir would give rather than mkdtemp's private 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def normalise_permissions(folder: Path) -> None:
+    """Files some writers create private (onnx's external data is 0600) get the umask's default mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

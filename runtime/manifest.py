@@ -1,0 +1,59 @@
+"""The artifact manifest (neodeploy.json): the contract between export, build-engine and the runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from neodeploy.errors import ArtifactError
+from neodeploy.files import sha256
+
+MANIFEST = "neodeploy.json"
+FORMAT = "neodeploy-artifact"
+FORMAT_VERSION = 1
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": file_hashes(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"artifact folder {folder} does not exist; run `neodeploy export` first")
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {MANIFEST}; it is not a neodeploy artifact (run `neodeploy export`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON; re-export the artifact") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a neodeploy manifest; re-export the artifact")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has format version {manifest.get('format_version')!r}, this neodeploy reads {FORMAT_VERSION}; "
+            "re-export the artifact with this version"
+        )
+    return manifest
+
+
+def verify_files(folder: str | Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
+    """Check the sha256 of the named files (all listed files by default) against the manifest."""
+    folder = Path(folder)
+    listed: dict[str, str] = manifest.get("files", {})
+    for name in names if names is not None else list(listed):
+        if name not in listed:
+            raise ArtifactError(f"{name} is not listed in {MANIFEST}; re-export the artifact")
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; the artifact is incomplete, re-export it")
+        if sha256(path) != listed[name]:
+            raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupt or was modified")
+
