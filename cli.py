@@ -186,18 +186,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
+    from neodeploy.export import export
     from neodeploy.reference.checkpoint import make_checkpoint
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = workdir / "checkpoint"
+    checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     spec = preset(args.preset)
-    print(f"[1/2] make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
+    print(f"== 1/3 make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
     start = time.perf_counter()
     make_checkpoint(spec, checkpoint, seed=0, overwrite=True)
-    print(f"      {checkpoint} written in {time.perf_counter() - start:.1f} s")
-    print(f"[2/2] reference: greedy {args.max_new_tokens} tokens from {args.prompt!r}")
+    print(f"   {checkpoint} written in {time.perf_counter() - start:.1f} s")
+    print(f"== 2/3 reference: greedy {args.max_new_tokens} tokens from {args.prompt!r} (PyTorch, fp32)")
     _print_reference(_run_reference(checkpoint, args.prompt, None, args.max_new_tokens, "float32"))
+    print(f"== 3/3 export: {checkpoint} -> {artifact} ({args.precision}), verified in onnxruntime against the reference")
+    export(checkpoint, artifact, precision=args.precision, overwrite=True)
     print("demo complete (random weights: the text is noise; the pipeline is what is being shown)")
     return 0
 
@@ -261,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where to write the checkpoint (default: a new temporary folder)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--precision", default="fp32", help="export precision: fp32 or fp16")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -112,7 +112,10 @@ def export(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite)
     progress = Progress(6, echo)
-    tmp = make_temp_dir(out_dir)
+    try:
+        tmp = make_temp_dir(out_dir)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {out_dir.resolve().parent} ({exc.strerror}); choose a writable destination") from exc
     try:
         with progress.stage("reference", f"{checkpoint} ({spec.family}, {spec.num_layers} layers): fp32 greedy on golden prompts"):
             model = load_checkpoint(checkpoint, dtype=torch.float32)
