@@ -184,6 +184,62 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(items: list[str]) -> list[str]:
+    prompts: list[str] = []
+    for item in items:
+        if item == "-":
+            prompts.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+        else:
+            prompts.append(item)
+    if not prompts:
+        raise UsageError("no prompts given (pass PROMPT arguments, or - to read one prompt per line from stdin)")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from neodeploy.runtime import load
+
+    model = load(args.artifact, backend=args.backend)
+    prompts = _read_prompts(args.prompt)
+    ids_mode = args.ids
+    inputs = [_parse_ids(p) for p in prompts] if ids_mode else prompts
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                   stop=[*args.stop, *args.stop_id])
+    if args.stream:
+        if len(inputs) != 1 or args.json:
+            raise UsageError("--stream takes exactly one prompt and no --json")
+        for piece in model.stream(inputs[0], **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    for prompt, result in zip(prompts, model.generate(inputs, **options)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
+                              "text": result.text, "finish_reason": result.finish_reason}, ensure_ascii=False))
+        else:
+            print(result.text if model.tokenizer else " ".join(map(str, result.output_ids)))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from neodeploy.runtime import load
+    from neodeploy.runtime.check import run_check, table, write_junit, write_report
+
+    model = load(args.artifact, backend=args.backend)
+    results = run_check(model)
+    print(f"check {args.artifact} ({model.backend.name}, {model.manifest['precision']}) against golden.npz:")
+    print(table(results))
+    if args.report:
+        write_report(Path(args.report), model, results)
+    if args.junit:
+        write_junit(Path(args.junit), model, results)
+    passed = all(r.passed for r in results)
+    print("check passed" if passed else "check FAILED")
+    return 0 if passed else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
     from neodeploy.export import export
@@ -258,6 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's max positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate text with an exported artifact (no PyTorch needed)")
+    p.add_argument("artifact")
+    p.add_argument("prompt", nargs="+", help="prompts (several run as one batch); - reads one per line from stdin")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-id", action="append", type=int, default=[], help="stop token id (repeatable)")
+    p.add_argument("--ids", action="store_true", help="prompts are token ids ('1 2 3'), not text")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--backend", default=None, help="onnxruntime (default)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check", help="replay golden.npz with the runtime alone; exit 1 on drift (a CI gate)")
+    p.add_argument("artifact")
+    p.add_argument("--backend", default=None, help="onnxruntime (default)")
+    p.add_argument("--report", help="write a JSON report here")
+    p.add_argument("--junit", help="write a JUnit XML report here")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", default=DEFAULT_PRESET)

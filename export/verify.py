@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neodeploy.runtime.model import position_ids
+
 DECODE_STEPS = 16
 TOP_K = 10
 # Max abs logit error allowed, as a fraction of the logit scale (max |reference logit| in the case).
@@ -53,11 +55,6 @@ class CaseResult:
     @property
     def relative_error(self) -> float:
         return self.max_abs_error / self.scale if self.scale else float("inf")
-
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """Positions count real tokens only, so a left-padded row sees the positions it would have alone."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

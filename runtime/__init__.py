@@ -1,8 +1,13 @@
 """Serving without PyTorch: numpy + onnxruntime (or TensorRT) + tokenizers.
 
+    from neodeploy.runtime import load
+    model = load("artifact/")
+    print(model.generate("Hello", max_new_tokens=16)[0].text)
+
 Nothing in this package may import torch, directly or through neodeploy.reference's model code.
 """
 
+from neodeploy.runtime.model import Generation, Model, load
 from neodeploy.runtime.tokenizer import Tokenizer
 
-__all__ = ["Tokenizer"]
+__all__ = ["load", "Model", "Generation", "Tokenizer"]

@@ -1,0 +1,122 @@
+"""`neodeploy check`: replay golden.npz with the runtime alone (no torch) — the CI / new-machine gate.
+
+For each golden case: the last-position logits of the prompt must match the reference's within the
+artifact's tolerance (a fraction of the logit scale), and greedy decoding must reproduce the reference's
+tokens, except where the reference's own top-k shows a near tie (margin within the tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from neodeploy.errors import ArtifactError
+from neodeploy.runtime.manifest import verify_files
+from neodeploy.runtime.model import Model, position_ids
+
+GOLDEN = "golden.npz"
+
+
+@dataclass
+class CheckResult:
+    case: str
+    batch: int
+    max_abs_error: float
+    scale: float
+    tolerance: float
+    greedy_agree: int
+    greedy_total: int
+    passed: bool
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+
+def _load_golden(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{path} is not a readable golden file ({exc}); re-export the artifact") from exc
+
+
+def run_check(model: Model) -> list[CheckResult]:
+    verify_files(model.artifact, model.manifest, [GOLDEN])
+    golden = _load_golden(model.artifact / GOLDEN)
+    tolerance = float(golden["tolerance"])
+    results = []
+    for name in golden["cases"].tolist():
+        start = time.perf_counter()
+        ids, mask = golden[f"{name}/input_ids"], golden[f"{name}/attention_mask"]
+        want_tokens, want_last = golden[f"{name}/tokens"], golden[f"{name}/last_logits"]
+        topk_ids, topk_logits = golden[f"{name}/topk_ids"], golden[f"{name}/topk_logits"]
+        logits, state = model.backend.prefill(ids, mask, position_ids(mask))
+        scale = float(np.abs(want_last).max())
+        err = float(np.abs(logits - want_last).max())
+        failures = []
+        if not np.isfinite(logits).all():
+            failures.append("non-finite logits")
+        if not err <= tolerance * scale:
+            failures.append(f"max |Δlogit| {err:.3g} > {tolerance:g} x scale {scale:.3g}")
+        agree, diverged = 0, False
+        tokens = logits.argmax(-1)
+        steps = want_tokens.shape[1]
+        for step in range(steps):
+            ok = tokens == want_tokens[:, step]
+            agree += int(ok.sum())
+            for row in np.flatnonzero(~ok):
+                # A tie in the reference is no failure: does the reference prefer its token by a clear margin?
+                listed = topk_ids[row, step] == tokens[row]
+                margin = topk_logits[row, step, 0] - (topk_logits[row, step][listed][0] if listed.any() else -np.inf)
+                if margin > tolerance * scale:
+                    diverged = True
+            if diverged or step == steps - 1:
+                break
+            # Teacher-forced: feed the reference's tokens, so one tie does not derail every later step.
+            forced = want_tokens[:, step : step + 1].astype(np.int64)
+            mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
+            logits, state = model.backend.decode(forced, mask, position_ids(mask)[:, -1:], state)
+            tokens = logits.argmax(-1)
+        if diverged:
+            failures.append(f"greedy tokens diverge from the reference ({agree}/{want_tokens.size} agree)")
+        results.append(CheckResult(name, ids.shape[0], err, scale, tolerance, agree, want_tokens.size,
+                                   not failures, round(time.perf_counter() - start, 3), failures))
+    return results
+
+
+def table(results: list[CheckResult]) -> str:
+    lines = [f"{'case':<10} {'batch':>5} {'max|Δlogit|':>12} {'scale':>8} {'bound':>10} {'greedy':>8}  result"]
+    for r in results:
+        lines.append(
+            f"{r.case:<10} {r.batch:>5} {r.max_abs_error:>12.3e} {r.scale:>8.3g} {r.tolerance * r.scale:>10.3e} "
+            f"{f'{r.greedy_agree}/{r.greedy_total}':>8}  " + ("ok" if r.passed else "FAIL: " + "; ".join(r.failures))
+        )
+    return "\n".join(lines)
+
+
+def write_report(path: Path, model: Model, results: list[CheckResult]) -> None:
+    report = {
+        "artifact": str(model.artifact),
+        "backend": model.backend.name,
+        "passed": all(r.passed for r in results),
+        "cases": [asdict(r) for r in results],
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def write_junit(path: Path, model: Model, results: list[CheckResult]) -> None:
+    failures = sum(not r.passed for r in results)
+    cases = []
+    for r in results:
+        body = "" if r.passed else f'<failure message="{escape("; ".join(r.failures), {chr(34): "&quot;"})}"/>'
+        cases.append(f'    <testcase classname="neodeploy.check" name="{escape(r.case)}" time="{r.seconds}">{body}</testcase>')
+    xml = (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<testsuites><testsuite name="neodeploy check {escape(model.artifact.name)}" tests="{len(results)}" '
+        f'failures="{failures}" errors="0">\n' + "\n".join(cases) + "\n</testsuite></testsuites>\n"
+    )
+    path.write_text(xml)
