@@ -54,18 +54,9 @@ def position_ids(mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
-def next_tokens(logits: np.ndarray, history: list[list[int]], params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits [batch, vocab]."""
-    logits = logits.astype(np.float64, copy=True)
-    if params.repetition_penalty != 1.0:
-        for row, seen in enumerate(history):
-            ids = np.unique(np.asarray(seen, dtype=np.int64))
-            values = logits[row, ids]
-            # transformers' rule: shrink positive logits, push negative ones further down.
-            logits[row, ids] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    logits /= params.temperature
+def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams) -> np.ndarray:
+    """Probabilities [batch, vocab] after repetition penalty, temperature, top-k and top-p (temperature > 0)."""
+    logits = penalised(logits, history, params.repetition_penalty) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = np.partition(logits, -params.top_k, axis=-1)[:, -params.top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
@@ -80,6 +71,25 @@ def next_tokens(logits: np.ndarray, history: list[list[int]], params: SamplingPa
         np.put_along_axis(drop, order, drop_sorted, -1)
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(-1, keepdims=True)
+    return probs
+
+
+def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:
+    """transformers' repetition penalty: seen tokens' positive logits divided by it, negative ones multiplied."""
+    logits = logits.astype(np.float64, copy=True)
+    if penalty != 1.0:
+        for row, seen in enumerate(history):
+            ids = np.unique(np.asarray(seen, dtype=np.int64))
+            values = logits[row, ids]
+            logits[row, ids] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def next_tokens(logits: np.ndarray, history: list[list[int]], params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
+    """One token per row from last-position logits [batch, vocab]; temperature 0 is greedy."""
+    if params.temperature == 0:
+        return penalised(logits, history, params.repetition_penalty).argmax(-1)
+    probs = sampling_distribution(logits, history, params)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
 
 

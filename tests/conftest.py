@@ -53,3 +53,24 @@ def tokenizer_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real tokenizer files not found at {path} (the ../shared/data folder is absent)")
     return path
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """exported(name, spec, precision) -> (checkpoint, artifact), each exported once per test session."""
+    from neodeploy.export import export
+    from neodeploy.reference import make_checkpoint
+
+    root = tmp_path_factory.mktemp("exported")
+    made: dict = {}
+
+    def _get(name, spec, precision="fp32"):
+        if (name, precision) not in made:
+            ckpt = root / name
+            if not ckpt.exists():
+                make_checkpoint(spec, ckpt, seed=5, init_std=0.1)
+            made[(name, precision)] = (ckpt, export(ckpt, root / f"{name}-{precision}", precision=precision,
+                                                    echo=lambda s: None))
+        return made[(name, precision)]
+
+    return _get

@@ -31,19 +31,8 @@ EXPORTS = [
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """Each (config, precision) exported once for the module: {key: (checkpoint, artifact)}."""
-    from neodeploy.reference import make_checkpoint
-
-    root = tmp_path_factory.mktemp("export")
-    made = {}
-    for name, precision in EXPORTS:
-        ckpt = root / name
-        if not ckpt.exists():
-            make_checkpoint(CONFIGS[name], ckpt, seed=5, init_std=0.1)
-        made[(name, precision)] = (ckpt, export(ckpt, root / f"{name}-{precision}", precision=precision,
-                                                echo=lambda s: None))
-    return made
+def artifacts(exported):
+    return {(name, precision): exported(name, CONFIGS[name], precision) for name, precision in EXPORTS}
 
 
 def _batch(vocab, lengths=(30, 22)):

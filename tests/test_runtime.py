@@ -1,0 +1,277 @@
+"""neodeploy.runtime: torch-free generation, batching, sampling, streaming, check, bad input, threads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_neo, tiny_neox
+from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.runtime import load
+from neodeploy.runtime.model import Model, SamplingParams, sampling_distribution
+from neodeploy.runtime.tokenizer import Tokenizer
+
+PROMPTS = [[5, 17, 33, 2, 250, 9, 100, 64, 3, 7, 11], [42, 8], [300, 1, 2, 3, 4, 5]]
+
+
+@pytest.fixture(scope="module", params=["gpt_neo", "gpt_neox"])
+def pair(request, exported):
+    spec = tiny_neo() if request.param == "gpt_neo" else tiny_neox()
+    return exported(f"rt-{request.param}", spec)
+
+
+def test_batched_greedy_equals_reference_and_each_prompt_alone(pair):
+    from neodeploy.reference import load_checkpoint
+    from neodeploy.reference.generate import greedy_generate
+
+    ckpt, art = pair
+    model = load(art)
+    reference = load_checkpoint(ckpt)
+    batch = model.generate(PROMPTS, max_new_tokens=12)
+    for prompt, result in zip(PROMPTS, batch):
+        alone = model.generate(prompt, max_new_tokens=12)[0]
+        want = greedy_generate(reference, prompt, 12, eos_token_id=model.eos_token_id).output_ids
+        assert result.output_ids == alone.output_ids == [t for t in want if t != model.eos_token_id]
+        assert result.prompt_ids == prompt and result.finish_reason in ("length", "eos")
+
+
+def test_generation_runs_without_torch(pair):
+    _, art = pair
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        raise ImportError('torch is forbidden in the serving process')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "import sys\n"
+        "from neodeploy.runtime import load\n"
+        f"m = load({str(art)!r})\n"
+        "out = m.generate(['Hello world', 'Hi'], max_new_tokens=5)\n"
+        "print(len(out), len(out[0].output_ids), 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "5", "False"]
+
+
+def test_sampling_is_seeded_and_filters_like_transformers(pair):
+    import torch
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    _, art = pair
+    model = load(art)
+    opts = dict(max_new_tokens=10, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3)
+    first = model.generate(PROMPTS, seed=7, **opts)
+    assert [g.output_ids for g in first] == [g.output_ids for g in model.generate(PROMPTS, seed=7, **opts)]
+    assert [g.output_ids for g in first] != [g.output_ids for g in model.generate(PROMPTS, seed=8, **opts)]
+    assert model.generate(PROMPTS, top_k=1, temperature=1.5, seed=3)[0].output_ids == \
+        model.generate(PROMPTS, max_new_tokens=32)[0].output_ids
+    # The filtered distribution against transformers' own processors on the same logits.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 320)) * 3
+    history = [[1, 2, 3, 3], [10, 200]]
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.8, repetition_penalty=1.2)
+    ours = sampling_distribution(logits, history, params)
+    scores = torch.tensor(logits)
+    ids = torch.tensor([[1, 2, 3, 3], [10, 200, 200, 200]])
+    for proc in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(50),
+                 TopPLogitsWarper(0.8)):
+        scores = proc(ids, scores)
+    theirs = torch.softmax(scores, -1).numpy()
+    np.testing.assert_array_equal(ours > 0, theirs > 0)
+    np.testing.assert_allclose(ours, theirs, atol=1e-9)
+
+
+def test_stop_ids_and_finish_reasons(pair):
+    _, art = pair
+    model = load(art)
+    free = model.generate(PROMPTS[0], max_new_tokens=8)[0]
+    assert free.finish_reason == "length" and len(free.output_ids) == 8
+    stop_at = free.output_ids[3]
+    stopped = model.generate(PROMPTS[0], max_new_tokens=8, stop=[stop_at])[0]
+    assert stopped.output_ids == free.output_ids[: free.output_ids.index(stop_at)]
+    assert stopped.finish_reason == "stop"
+
+
+class ScriptedBackend:
+    """Emits a fixed token script (one-hot logits): streaming and stop strings tested on exact text."""
+
+    name = "scripted"
+
+    def __init__(self, script, vocab):
+        self.script, self.vocab = script, vocab
+
+    def _logits(self, batch, step):
+        logits = np.zeros((batch, self.vocab), np.float32)
+        logits[:, self.script[min(step, len(self.script) - 1)]] = 10.0
+        return logits
+
+    def prefill(self, ids, mask, pos):
+        return self._logits(len(ids), 0), 1
+
+    def decode(self, ids, mask, pos, step):
+        return self._logits(len(ids), step), step + 1
+
+
+def _scripted_model(tmp_path, text):
+    from neodeploy.runtime.tokenizer import builtin_byte_tokenizer
+
+    tk = builtin_byte_tokenizer(0, 257)
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    script = tokenizer.encode(text) + [0]  # then eos
+    manifest = {"spec": {"vocab_size": 257, "eos_token_id": 0}, "max_context": 512, "precision": "fp32"}
+    return Model(tmp_path, manifest, ScriptedBackend(script, 257), tokenizer), script
+
+
+def test_streaming_never_splits_a_utf8_character(tmp_path):
+    text = "naïve café — 東京 🚀 done"
+    model, script = _scripted_model(tmp_path, text)
+    assert len(script) - 1 > len(text)  # multi-byte characters really span several tokens
+    pieces = list(model.stream([5], max_new_tokens=100))
+    assert "".join(pieces) == text == model.generate([5], max_new_tokens=100)[0].text
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) > 10
+    result = model.generate([5], max_new_tokens=100)[0]
+    assert result.finish_reason == "eos" and 0 not in result.output_ids
+
+
+def test_stop_strings_cut_text_and_stream(tmp_path):
+    model, _ = _scripted_model(tmp_path, "alpha beta STOP gamma")
+    result = model.generate([5], max_new_tokens=100, stop=["STOP"])[0]
+    assert result.text == "alpha beta " and result.finish_reason == "stop"
+    assert "".join(model.stream([5], max_new_tokens=100, stop=["STOP"])) == "alpha beta "
+    # A partial match ("ST" of "STAR") must not leak before it is known not to be a stop.
+    model, _ = _scripted_model(tmp_path, "one ST two STAR three")
+    assert "".join(model.stream([5], max_new_tokens=100, stop=["STAR"])) == "one ST two "
+
+
+def test_bad_input_is_refused_and_the_model_stays_usable(pair):
+    _, art = pair
+    model = load(art)
+    before = model.generate(PROMPTS[1], max_new_tokens=4)[0].output_ids
+    for kwargs, message in (
+        (dict(prompts=""), "empty"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[1, 999]]), "token id 999 is outside the vocabulary"),
+        (dict(prompts=[1, 2], top_p=0.0), "top_p must be in"),
+        (dict(prompts=[1, 2], top_p=1.5), "top_p must be in"),
+        (dict(prompts=[1, 2], temperature=-1.0), "temperature must be >= 0"),
+        (dict(prompts=[1, 2], max_new_tokens=0), "max_new_tokens"),
+        (dict(prompts=[1] * 100, max_new_tokens=100), "exceeds the artifact's context of 128"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            model.generate(**kwargs)
+    assert model.generate(PROMPTS[1], max_new_tokens=4)[0].output_ids == before
+
+
+def test_corrupt_missing_or_foreign_artifacts_are_refused(pair, tmp_path):
+    _, art = pair
+    copy = tmp_path / "copy"
+    shutil.copytree(art, copy)
+    data = bytearray((copy / "model.onnx.data").read_bytes())
+    data[1000] ^= 0xFF
+    (copy / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        load(copy)
+    (copy / "model.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match="is missing"):
+        load(copy)
+    manifest = json.loads((art / "neodeploy.json").read_text())
+    (copy / "neodeploy.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load(copy)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load(tmp_path / "nothing")
+
+
+def test_one_model_serves_four_threads(pair):
+    _, art = pair
+    model = load(art)
+    jobs = [dict(prompts=PROMPTS, max_new_tokens=10), dict(prompts=PROMPTS[0], max_new_tokens=10, temperature=0.8, seed=1),
+            dict(prompts=PROMPTS[1:], max_new_tokens=6, top_p=0.5, temperature=1.0, seed=2),
+            dict(prompts=PROMPTS[2], max_new_tokens=10)]
+    serial = [[g.output_ids for g in model.generate(**job)] for job in jobs]
+    results: dict[int, list] = {}
+
+    def work(i):
+        for _ in range(3):
+            results.setdefault(i, []).append([g.output_ids for g in model.generate(**jobs[i])])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert results[i] == [serial[i]] * 3
+
+
+def _perturb_weight(art, dest):
+    """Corrupt one weight the way a bad build would (and re-hash it, so only the numbers can tell)."""
+    from neodeploy.runtime.manifest import file_hashes
+
+    shutil.copytree(art, dest)
+    data = np.fromfile(dest / "model.onnx.data", dtype=np.float32)
+    data[: data.size // 8] *= 1.5
+    data.tofile(dest / "model.onnx.data")
+    manifest = json.loads((dest / "neodeploy.json").read_text())
+    manifest["files"] = file_hashes(dest)
+    (dest / "neodeploy.json").write_text(json.dumps(manifest))
+
+
+def test_check_passes_then_catches_a_perturbed_weight(pair, tmp_path):
+    from neodeploy.runtime.check import run_check
+
+    _, art = pair
+    assert all(r.passed for r in run_check(load(art)))
+    _perturb_weight(art, tmp_path / "bad")
+    results = run_check(load(tmp_path / "bad"))
+    assert not all(r.passed for r in results)
+    assert any("max |Δlogit|" in f for r in results for f in r.failures)
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "neodeploy", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def test_cli_generate_check_and_reports(pair, tmp_path):
+    ckpt, art = pair
+    proc = _cli("generate", art, "Hello world", "Hi", "--json", "--max-new-tokens", 5)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello world", "Hi"]
+    assert set(rows[0]) == {"prompt", "prompt_ids", "output_ids", "text", "finish_reason"}
+    model = load(art)
+    assert rows[1]["output_ids"] == model.generate("Hi", max_new_tokens=5)[0].output_ids
+    piped = _cli("generate", art, "-", "--json", "--max-new-tokens", 5, stdin="Hello world\nHi\n")
+    assert [json.loads(line) for line in piped.stdout.splitlines()] == rows
+    ok = _cli("check", art, "--report", tmp_path / "r.json", "--junit", tmp_path / "r.xml")
+    assert ok.returncode == 0 and "check passed" in ok.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    assert 'failures="0"' in (tmp_path / "r.xml").read_text()
+    _perturb_weight(art, tmp_path / "bad")
+    bad = _cli("check", tmp_path / "bad", "--junit", tmp_path / "bad.xml")
+    assert bad.returncode == 1 and "check FAILED" in bad.stdout
+    assert "<failure" in (tmp_path / "bad.xml").read_text()
+    for args, message in (
+        (("generate", art, "x", "--top-p", "0"), "top_p must be in"),
+        (("generate", art, "x", "--temperature", "-1"), "temperature must be >= 0"),
+        (("generate", tmp_path / "none", "x"), "does not exist"),
+        (("check", ckpt), "no neodeploy.json"),
+    ):
+        proc = _cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
