@@ -240,6 +240,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from neodeploy.runtime import load
+    from neodeploy.validate import table, validate, write_report
+
+    model = load(args.artifact, backend=args.backend)
+    prompts = None
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UsageError(f"prompts file {path} does not exist")
+        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"prompts file {path} has no non-empty lines")
+    if args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    report = validate(model, args.reference, prompts=prompts, steps=args.steps, layerwise=args.layerwise)
+    print(f"validate {args.artifact} ({model.backend.name}, {report.precision}) against the reference {args.reference}:")
+    print(table(report))
+    if args.report:
+        write_report(Path(args.report), report)
+    return 0 if report.passed else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
     from neodeploy.export import export
@@ -338,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--junit", help="write a JUnit XML report here")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("validate", help="runtime vs the PyTorch reference: errors, top-1, greedy prefix, perplexity")
+    p.add_argument("artifact")
+    p.add_argument("--reference", required=True, help="the checkpoint the artifact was exported from")
+    p.add_argument("--prompts", help="text file, one prompt per line (default: three built-in prompts)")
+    p.add_argument("--steps", type=int, default=32, help="greedy steps per prompt (default 32)")
+    p.add_argument("--report", help="write a JSON report here")
+    p.add_argument("--layerwise", action="store_true", help="also report the first block whose hidden state drifts")
+    p.add_argument("--backend", default=None, help="onnxruntime (default)")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", default=DEFAULT_PRESET)

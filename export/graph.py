@@ -34,19 +34,21 @@ def input_names(spec: ModelSpec) -> list[str]:
     ]
 
 
-def output_names(spec: ModelSpec) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+def output_names(spec: ModelSpec, hidden_states: bool = False) -> list[str]:
+    names = ["logits"] + [f"present.{i}.{kind}" for i in range(spec.num_layers) for kind in ("key", "value")]
+    # Debug graphs (validate --layerwise) also expose the embeddings and every block's output.
+    return names + [f"hidden_states.{i}" for i in range(spec.num_layers + 1)] if hidden_states else names
 
 
 class _Decoder(nn.Module):
     """The reference with the cache as a list of (key, value) pairs in and out, as the exporter flattens it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, hidden_states: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.hidden_states = model, hidden_states
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        return self.model(input_ids, attention_mask, position_ids, past_key_values)
+        return self.model(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states=self.hidden_states)
 
 
 def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
@@ -61,7 +63,7 @@ def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
     return ids, mask, pos, cache
 
 
-def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_states: bool = False) -> None:
     """Export `model` to `path` + `path.data` with dynamic batch / sequence / past dimensions.
 
     The exporter's own save streams each weight from the torch tensors into the data file, so the export
@@ -85,11 +87,11 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _Decoder(model),
+            _Decoder(model, hidden_states),
             _example_inputs(spec, dtype),
             dynamo=True,
             input_names=input_names(spec),
-            output_names=output_names(spec),
+            output_names=output_names(spec, hidden_states),
             dynamic_shapes=dynamic,
             opset_version=opset,
             optimize=True,
@@ -101,35 +103,35 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
         raise RuntimeError(f"the exporter did not write {data.name}")
 
 
-def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str) -> None:
+def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hidden_states: bool) -> None:
     from neodeploy.reference.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, dtype=torch.float16 if precision == "fp16" else torch.float32)
-    trace(model, Path(path), opset)
+    trace(model, Path(path), opset, hidden_states)
 
 
-def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str) -> None:
+def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False) -> None:
     """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision).result()
+        pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states).result()
 
 
-def convert(path: Path, spec: ModelSpec, precision: str) -> None:
+def convert(path: Path, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:
     """Readable dimension names, a pinned IR version and the checked I/O contract; weights stay where they are."""
     model = onnx.load(str(path), load_external_data=False)
     _name_dynamic_dims(model, spec)
     model.ir_version = IR_VERSION
-    check_io(model, spec, precision)
+    check_io(model, spec, precision, hidden_states)
     onnx.save_model(model, str(path))
 
 
-def check_io(model: onnx.ModelProto, spec: ModelSpec, precision: str) -> None:
+def check_io(model: onnx.ModelProto, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
-    if inputs != input_names(spec) or outputs != output_names(spec):
+    if inputs != input_names(spec) or outputs != output_names(spec, hidden_states):
         raise RuntimeError(f"exported graph has unexpected I/O names: {inputs} -> {outputs}")
     if model.graph.output[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise RuntimeError("exported logits are not fp32")
@@ -159,6 +161,8 @@ def _name_dynamic_dims(model: onnx.ModelProto, spec: ModelSpec) -> None:
         "attention_mask": ("batch_size", "past_sequence_length + sequence_length"),
         "logits": ("batch_size", "sequence_length", None),
     }
+    for i in range(spec.num_layers + 1):
+        names[f"hidden_states.{i}"] = ("batch_size", "sequence_length", None)
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if value.name.startswith("past_key_values."):

@@ -106,7 +106,9 @@ class GPTNeo(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
-    ) -> tuple[Tensor, KVCache]:
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, list[Tensor]]:
+        """(logits fp32, present); with output_hidden_states also [embeddings, block 1, ..., block L] outputs."""
         seq = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = default_attention_mask(input_ids, past_length(past_key_values))
@@ -117,6 +119,7 @@ class GPTNeo(nn.Module):
         global_allowed = allowed_keys(attention_mask, seq, None)
         local_allowed = allowed_keys(attention_mask, seq, self.spec.window_size) if self.spec.window_size else None
         present: KVCache = []
+        hidden = [x]
         for i, block in enumerate(t.h):
             allowed = global_allowed if block.window is None else local_allowed
             past = past_key_values[i] if past_key_values else None
@@ -124,5 +127,6 @@ class GPTNeo(nn.Module):
             x = x + a
             x = x + block.mlp(block.ln_2(x))
             present.append((k, v))
-        logits = self.lm_head(t.ln_f(x))
-        return logits.float(), present
+            hidden.append(x)
+        logits = self.lm_head(t.ln_f(x)).float()
+        return (logits, present, hidden) if output_hidden_states else (logits, present)

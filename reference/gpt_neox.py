@@ -130,7 +130,9 @@ class GPTNeoX(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
-    ) -> tuple[Tensor, KVCache]:
+        output_hidden_states: bool = False,
+    ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, list[Tensor]]:
+        """(logits fp32, present); with output_hidden_states also [embeddings, block 1, ..., block L] outputs."""
         seq = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = default_attention_mask(input_ids, past_length(past_key_values))
@@ -140,8 +142,10 @@ class GPTNeoX(nn.Module):
         allowed = allowed_keys(attention_mask, seq, None)
         x = self.gpt_neox.embed_in(input_ids)
         present: KVCache = []
+        hidden = [x]
         for i, layer in enumerate(self.gpt_neox.layers):
             x, k, v = layer(x, cos, sin, allowed, past_key_values[i] if past_key_values else None)
             present.append((k, v))
-        logits = self.embed_out(self.gpt_neox.final_layer_norm(x))
-        return logits.float(), present
+            hidden.append(x)
+        logits = self.embed_out(self.gpt_neox.final_layer_norm(x)).float()
+        return (logits, present, hidden) if output_hidden_states else (logits, present)

@@ -25,6 +25,9 @@ class Backend(Protocol):
     def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         """One step (seq 1) on top of `state`; returns (logits [batch, vocab], new state)."""
 
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Logits at every position [batch, seq, vocab] (perplexity, validation)."""
+
 
 class OrtBackend:
     """ONNX Runtime with IO binding: each step's present OrtValues are bound as the next step's past."""
@@ -61,7 +64,7 @@ class OrtBackend:
         empty = np.zeros(shape, dtype=self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any], all_positions: bool = False) -> tuple[np.ndarray, list[Any]]:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
@@ -73,7 +76,9 @@ class OrtBackend:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :]
+        logits = outputs[0].numpy()
+        if not all_positions:
+            logits = logits[:, -1, :]
         return np.ascontiguousarray(logits, dtype=np.float32), outputs[1:]
 
     def prefill(self, input_ids, attention_mask, position_ids):
@@ -81,6 +86,9 @@ class OrtBackend:
 
     def decode(self, input_ids, attention_mask, position_ids, state):
         return self._run(input_ids, attention_mask, position_ids, state)
+
+    def score(self, input_ids, attention_mask, position_ids):
+        return self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]), True)[0]
 
 
 BACKENDS = ("onnxruntime", "tensorrt")
