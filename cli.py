@@ -267,21 +267,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
     from neodeploy.export import export
     from neodeploy.reference.checkpoint import make_checkpoint
+    from neodeploy.runtime import load
+    from neodeploy.runtime.check import run_check
+    from neodeploy.runtime.check import table as check_table
+    from neodeploy.validate import table as validate_table
+    from neodeploy.validate import validate
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
     spec = preset(args.preset)
-    print(f"== 1/3 make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
+    print(f"== 1/5 make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
     start = time.perf_counter()
     make_checkpoint(spec, checkpoint, seed=0, overwrite=True)
     print(f"   {checkpoint} written in {time.perf_counter() - start:.1f} s")
-    print(f"== 2/3 reference: greedy {args.max_new_tokens} tokens from {args.prompt!r} (PyTorch, fp32)")
-    _print_reference(_run_reference(checkpoint, args.prompt, None, args.max_new_tokens, "float32"))
-    print(f"== 3/3 export: {checkpoint} -> {artifact} ({args.precision}), verified in onnxruntime against the reference")
+    print(f"== 2/5 export: {checkpoint} -> {artifact} ({args.precision}), verified in onnxruntime against the reference")
     export(checkpoint, artifact, precision=args.precision, overwrite=True)
-    print("demo complete (random weights: the text is noise; the pipeline is what is being shown)")
-    return 0
+    print(f"== 3/5 generate: greedy {args.max_new_tokens} tokens from {args.prompt!r} with the runtime (no PyTorch)")
+    model = load(artifact)
+    result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)[0]
+    print(f"   prompt ids {result.prompt_ids[:12]}{' ...' if len(result.prompt_ids) > 12 else ''}")
+    print(f"   output ids {result.output_ids}  ({result.finish_reason})")
+    print(f"   text       {result.text!r}")
+    print("== 4/5 check: replay golden.npz with the runtime alone")
+    results = run_check(model)
+    print(check_table(results))
+    print("== 5/5 validate: runtime vs the PyTorch reference")
+    report = validate(model, checkpoint, steps=16)
+    print(validate_table(report))
+    ok = all(r.passed for r in results) and report.passed
+    print(f"demo {'complete' if ok else 'FAILED'}: artifact in {artifact} "
+          "(random weights: the text is noise; the pipeline is what is being shown)")
+    return 0 if ok else 1
 
 
 # --------------------------------------------------------------------------------------------- parser

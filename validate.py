@@ -188,6 +188,7 @@ def _layerwise(model: Model, reference, checkpoint, ids: list[int], tolerance: f
         echo(f"layerwise: exporting a debug graph with {spec.num_layers + 1} hidden-state outputs ({precision}) ...")
         graph.trace_in_subprocess(Path(checkpoint), path, model.manifest["onnx"]["opset"], precision, hidden_states=True)
         graph.convert(path, spec, precision, hidden_states=True)
+        _bind_artifact_weights(path, model.artifact / model.manifest["onnx"]["file"])
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         kv = np.float16 if precision == "fp16" else np.float32
         feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
@@ -205,6 +206,35 @@ def _layerwise(model: Model, reference, checkpoint, ids: list[int], tolerance: f
     first = next((i for i, e in enumerate(errors) if e > tolerance), None)
     return {"relative_errors": errors, "tolerance": tolerance, "first_layer_beyond_tolerance": first,
             "labels": ["embeddings"] + [f"block {i}" for i in range(spec.num_layers)]}
+
+
+def _bind_artifact_weights(debug: Path, artifact_onnx: Path) -> None:
+    """Point the debug graph's weights at the artifact's own data, so layerwise sees what the artifact runs
+    (a corrupted or mis-converted weight shows up in the block that holds it), not a fresh export."""
+    import os
+    import shutil
+
+    import onnx
+
+    ours = onnx.load(str(debug), load_external_data=False)
+    theirs = onnx.load(str(artifact_onnx), load_external_data=False)
+    source = {t.name: t for t in theirs.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    data_name = "artifact.onnx.data"
+    location = next(iter({e.value for t in source.values() for e in t.external_data if e.key == "location"}), None)
+    if location is None:
+        return
+    try:
+        os.link(artifact_onnx.parent / location, debug.parent / data_name)
+    except OSError:
+        shutil.copyfile(artifact_onnx.parent / location, debug.parent / data_name)
+    for tensor in ours.graph.initializer:
+        match = source.get(tensor.name)
+        if match is None or list(match.dims) != list(tensor.dims) or match.data_type != tensor.data_type:
+            continue
+        del tensor.external_data[:]
+        for entry in match.external_data:
+            tensor.external_data.add(key=entry.key, value=data_name if entry.key == "location" else entry.value)
+    onnx.save_model(ours, str(debug))
 
 
 def table(report: Report) -> str:

@@ -74,3 +74,44 @@ def exported(tmp_path_factory):
         return made[(name, precision)]
 
     return _get
+
+
+FIXTURE_STEPS = 120
+
+
+@pytest.fixture(scope="session")
+def trained():
+    """trained(family) -> checkpoint folder of a tiny model trained on stdlib docstrings with the real tokenizer.
+
+    Cached by the hash of the training script and tokenizer under $NEODEPLOY_CACHE (default
+    ~/.cache/neodeploy), so a machine trains each once; built in a temporary folder and renamed into place.
+    """
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    script = ROOT / "scripts" / "train_fixture.py"
+    cache = Path(os.environ.get("NEODEPLOY_CACHE", Path.home() / ".cache" / "neodeploy")) / "fixtures"
+
+    def _get(family: str) -> Path:
+        tok = tokenizer_dir("gpt-neox-20b" if family == "gpt_neox" else "gpt2")
+        digest = hashlib.sha256(script.read_bytes() + (tok / "tokenizer.json").read_bytes()
+                                + str(FIXTURE_STEPS).encode()).hexdigest()[:16]
+        out = cache / f"{family}-{digest}"
+        if not (out / "training.json").is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache))
+            try:
+                subprocess.run([sys.executable, str(script), family, str(tok), str(tmp), "--steps", str(FIXTURE_STEPS)],
+                               check=True, capture_output=True, timeout=900)
+                if out.exists():
+                    shutil.rmtree(out)
+                tmp.rename(out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    return _get

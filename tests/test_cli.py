@@ -46,6 +46,8 @@ def test_inspect_and_presets():
 def test_demo_runs_end_to_end(tmp_path):
     out = run("demo", "--workdir", tmp_path, "--max-new-tokens", 4).stdout
     assert "demo complete" in out and (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "artifact" / "neodeploy.json").is_file()
+    assert "validate passed" in out and out.count(" ok") >= 6  # export verification + check tables
 
 
 def _broken(tmp_path, kind):
