@@ -263,6 +263,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from neodeploy.export.engine import build_engine
+
+    build_engine(args.artifact, args.profile, timing_cache=args.timing_cache, opt_level=args.opt_level,
+                 workspace_gib=args.workspace)
+    return 0
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from neodeploy.export.lint import lint, table
+    from neodeploy.profiles import ProfileError, load_profile, shipped
+    from neodeploy.runtime.manifest import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    names = [args.profile] if args.profile else shipped()
+    passed = True
+    for k, name in enumerate(names):
+        profile = load_profile(name)
+        try:
+            results = lint(Path(args.artifact), manifest, profile, run_polygraphy=k == 0 and not args.no_polygraphy)
+        except ProfileError as exc:
+            if args.profile:
+                raise
+            print(f"lint {args.artifact}, profile {profile.name!r}: FAIL  {exc}")
+            passed = False
+            continue
+        print(f"lint {args.artifact} ({manifest['precision']}) for TensorRT, profile {profile.name!r} ({profile.description}):")
+        print(table(results))
+        passed &= all(r.passed for r in results)
+    print("lint passed" if passed else "lint FAILED")
+    return 0 if passed else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
     from neodeploy.export import export
@@ -388,6 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise", action="store_true", help="also report the first block whose hidden state drifts")
     p.add_argument("--backend", default=None, help="onnxruntime (default)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("build-engine", help="build a TensorRT fp16 engine (two optimisation profiles) into the artifact")
+    p.add_argument("artifact", help="an fp16 artifact folder (neodeploy export --precision fp16)")
+    p.add_argument("--profile", required=True, help="a shipped profile (chat, batch, edge) or a .toml file")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file to reuse and update")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
+    p.add_argument("--workspace", type=float, help="workspace memory limit in GiB")
+    p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("lint", help="TensorRT readiness without a GPU: ops, control flow, bindings, profile shapes")
+    p.add_argument("artifact")
+    p.add_argument("--profile", help="a shipped profile name or a .toml file (default: every shipped profile)")
+    p.add_argument("--no-polygraphy", action="store_true", help="skip polygraphy's check lint")
+    p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", default=DEFAULT_PRESET)

@@ -103,5 +103,7 @@ def create_backend(name: str | None, artifact: Path, manifest: dict, providers: 
         return OrtBackend(artifact / manifest["onnx"]["file"], spec["num_layers"], spec["num_heads"], head_dim,
                           kv_dtype, providers)
     if name in ("tensorrt", "trt"):
-        raise UsageError("the native TensorRT backend is not available yet; use --backend onnxruntime")
+        from neodeploy.runtime.trt_backend import TensorRTBackend
+
+        return TensorRTBackend(artifact, manifest)
     raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -6,6 +6,7 @@ strings, batched prompts with left padding and real-token position ids, and UTF-
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,16 +157,20 @@ class Model:
             mask[row, width - len(prompt) :] = 1
         rng = np.random.default_rng(params.seed)
         history = [list(p) for p in encoded]
-        logits, state = self.backend.prefill(ids, mask, position_ids(mask))
-        for step in range(params.max_new_tokens):
-            tokens = next_tokens(logits, history, params, rng)
-            for row, token in enumerate(tokens):
-                history[row].append(int(token))
-            yield tokens
-            if step == params.max_new_tokens - 1:
-                return
-            mask = np.concatenate([mask, np.ones((len(encoded), 1), np.int64)], axis=1)
-            logits, state = self.backend.decode(tokens[:, None].astype(np.int64), mask, position_ids(mask)[:, -1:], state)
+        # A backend with one set of device buffers (TensorRT) serves one generation at a time; callers close
+        # this generator when they stop early, which releases the lock.
+        lock = self.backend.lock if getattr(self.backend, "exclusive", False) else contextlib.nullcontext()
+        with lock:
+            logits, state = self.backend.prefill(ids, mask, position_ids(mask))
+            for step in range(params.max_new_tokens):
+                tokens = next_tokens(logits, history, params, rng)
+                for row, token in enumerate(tokens):
+                    history[row].append(int(token))
+                yield tokens
+                if step == params.max_new_tokens - 1:
+                    return
+                mask = np.concatenate([mask, np.ones((len(encoded), 1), np.int64)], axis=1)
+                logits, state = self.backend.decode(tokens[:, None].astype(np.int64), mask, position_ids(mask)[:, -1:], state)
 
     def _stop_ids(self, stop: Sequence[str | int] | None) -> tuple[set[int], list[str]]:
         stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
@@ -186,18 +191,19 @@ class Model:
         stop_ids, stop_strings = self._stop_ids(stop)
         outputs: list[list[int]] = [[] for _ in encoded]
         reasons: list[str | None] = [None] * len(encoded)
-        for tokens in self._steps(encoded, params):
-            for row, token in enumerate(tokens.tolist()):
-                if reasons[row] is not None:
-                    continue
-                if token in stop_ids:
-                    reasons[row] = "eos" if token == self.eos_token_id else "stop"
-                    continue
-                outputs[row].append(token)
-                if stop_strings and any(s in self.decode(outputs[row]) for s in stop_strings):
-                    reasons[row] = "stop"
-            if all(r is not None for r in reasons):
-                break
+        with contextlib.closing(self._steps(encoded, params)) as steps:
+            for tokens in steps:
+                for row, token in enumerate(tokens.tolist()):
+                    if reasons[row] is not None:
+                        continue
+                    if token in stop_ids:
+                        reasons[row] = "eos" if token == self.eos_token_id else "stop"
+                        continue
+                    outputs[row].append(token)
+                    if stop_strings and any(s in self.decode(outputs[row]) for s in stop_strings):
+                        reasons[row] = "stop"
+                if all(r is not None for r in reasons):
+                    break
         results = []
         for prompt, out, reason in zip(encoded, outputs, reasons):
             text = self.decode(out)
@@ -219,28 +225,29 @@ class Model:
         stop_ids, stop_strings = self._stop_ids(stop)
         out: list[int] = []
         sent = 0
-        for tokens in self._steps(encoded, params):
-            token = int(tokens[0])
-            if token in stop_ids:
-                break
-            out.append(token)
-            text = self.decode(out)
-            cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-            if cut >= 0:
-                if cut > sent:
-                    yield text[sent:cut]
-                return
-            safe = len(text)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far: wait for its other bytes
-                safe = len(text.rstrip("\ufffd"))
-            for s in stop_strings:  # hold back a tail that could still grow into a stop string
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
-                        safe -= k
-                        break
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
+        with contextlib.closing(self._steps(encoded, params)) as steps:
+            for tokens in steps:
+                token = int(tokens[0])
+                if token in stop_ids:
+                    break
+                out.append(token)
+                text = self.decode(out)
+                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield text[sent:cut]
+                    return
+                safe = len(text)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far: wait for its other bytes
+                    safe = len(text.rstrip("\ufffd"))
+                for s in stop_strings:  # hold back a tail that could still grow into a stop string
+                    for k in range(min(len(s) - 1, safe), 0, -1):
+                        if text[:safe].endswith(s[:k]):
+                            safe -= k
+                            break
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
         text = self.decode(out)
         if len(text) > sent:
             yield text[sent:]

@@ -1,0 +1,159 @@
+"""TensorRT path: deployment profiles, their TensorRT optimisation profiles, lint — all on CPU — and the
+GPU-only engine tests, which skip with the reason where TensorRT or a CUDA GPU is absent."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_neo, tiny_neox
+from neodeploy.profiles import ProfileError, load_profile, shipped, trt_profiles
+
+
+def _manifest(max_context=2048, layers=2):
+    return {"spec": {"num_heads": 4, "hidden_size": 64, "num_layers": layers, "vocab_size": 320},
+            "max_context": max_context, "precision": "fp16"}
+
+
+def test_shipped_profiles():
+    assert shipped() == ["batch", "chat", "edge"]
+    chat, batch, edge = load_profile("chat"), load_profile("batch"), load_profile("edge")
+    assert (chat.batch.max, chat.prompt.max, chat.context.max) == (1, 1024, 2048)
+    assert (batch.batch.min, batch.batch.max, batch.prompt.max, batch.context.max) == (1, 16, 512, 1024)
+    assert (edge.batch.max, edge.prompt.max, edge.context.max) == (1, 256, 512)
+
+
+def test_trt_profiles_are_consistent_for_every_shipped_profile():
+    for name in shipped():
+        profile = load_profile(name)
+        derived = trt_profiles(profile, _manifest())
+        assert set(derived) == {"context", "generation"}
+        for which, inputs in derived.items():
+            assert len(inputs) == 3 + 2 * 2
+            for k in range(3):  # min, opt, max
+                b, s = inputs["input_ids"][k]
+                mb, total = inputs["attention_mask"][k]
+                kb, heads, past, head_dim = inputs["past_key_values.1.value"][k]
+                assert b == mb == kb and (heads, head_dim) == (4, 16)
+                assert total == past + s  # mask length = past + seq at min, opt and max
+                assert inputs["position_ids"][k] == (b, s)
+                if which == "context":
+                    assert past == 0 and profile.prompt.min <= s <= profile.prompt.max
+                else:
+                    assert s == 1 and 1 <= past <= profile.context.max - 1
+            for name_, (lo, opt, hi) in inputs.items():
+                assert all(a <= o <= c for a, o, c in zip(lo, opt, hi)), name_
+        assert derived["generation"]["attention_mask"][2] == (profile.batch.max, profile.context.max)
+        assert derived["context"]["input_ids"][2] == (profile.batch.max, profile.prompt.max)
+
+
+def test_profiles_that_do_not_fit_are_refused(tmp_path):
+    with pytest.raises(ProfileError, match="needs a context of 2048 tokens but the artifact serves at most 1024"):
+        trt_profiles(load_profile("chat"), _manifest(max_context=1024))
+    with pytest.raises(ProfileError, match="unknown profile 'huge'"):
+        load_profile("huge")
+    bad = tmp_path / "bad.toml"
+    for text, message in (
+        ("[batch]\nmin=1\nopt=1\nmax=1\n[prompt]\nmin=1\nopt=64\nmax=512\n[context]\nopt=256\nmax=512\n", "no room"),
+        ("[batch]\nmin=2\nopt=1\nmax=4\n[prompt]\nmin=1\nopt=8\nmax=16\n[context]\nopt=32\nmax=64\n", "min <= opt <= max"),
+        ("[batch]\nmin=1\nopt=1\nmax=1\n[prompt]\nmin=1\nopt=8\nmax=16\n", "no \\[context\\] table"),
+        ("[batch\n", "not valid TOML"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ProfileError, match=message):
+            load_profile(bad)
+    good = tmp_path / "mine.toml"
+    good.write_text("name='mine'\n[batch]\nmin=1\nopt=2\nmax=4\n[prompt]\nmin=1\nopt=8\nmax=16\n[context]\nopt=32\nmax=64\n")
+    assert trt_profiles(load_profile(good), _manifest())["generation"]["attention_mask"][2] == (4, 64)
+
+
+@pytest.fixture(scope="module", params=["gpt_neo", "gpt_neox"])
+def fp16_artifact(request, exported):
+    spec = (tiny_neo if request.param == "gpt_neo" else tiny_neox)(max_positions=2048)
+    return exported(f"trt-{request.param}", spec, "fp16")[1]
+
+
+def test_lint_passes_on_fp16_exports_for_every_shipped_profile(fp16_artifact):
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(fp16_artifact)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert len(re.findall(r"^operators\s+ok", out, re.M)) == 3 and len(re.findall(r"^shapes\s+ok", out, re.M)) == 3
+    assert re.search(r"^polygraphy check lint\s+ok\s+\d+ nodes pass", out, re.M)
+    assert "lint passed" in proc.stdout
+
+
+def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
+    import shutil
+
+    import onnx
+
+    from neodeploy.export.lint import lint
+    from neodeploy.runtime.manifest import read_manifest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fp16_artifact, bad)
+    model = onnx.load(str(bad / "model.onnx"), load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "Softmax")
+    node.op_type = "Unique"  # a real ONNX op the TensorRT parser lacks
+    onnx.save_model(model, str(bad / "model.onnx"))
+    results = {r.name: r for r in lint(bad, read_manifest(bad), load_profile("edge"), run_polygraphy=False)}
+    assert not results["operators"].passed and "Unique" in results["operators"].detail
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "lint FAILED" in proc.stdout
+
+
+def _has_tensorrt_and_gpu() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed"
+    from neodeploy.export.engine import gpu_info
+
+    try:
+        gpu_info()
+    except Exception as exc:  # no driver, no device
+        return f"no CUDA GPU: {exc}"
+    return None
+
+
+def test_build_engine_without_tensorrt_exits_2(fp16_artifact):
+    if _has_tensorrt_and_gpu() is None:
+        pytest.skip("TensorRT and a GPU are present here; this test covers machines without them")
+    before = json.loads((fp16_artifact / "neodeploy.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "build-engine", str(fp16_artifact), "--profile", "edge"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "TensorRT" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((fp16_artifact / "neodeploy.json").read_text()) == before
+    assert not (fp16_artifact / "model.engine").exists()
+
+
+gpu = pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_tensorrt_and_gpu()))
+
+
+@gpu
+def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pragma: no cover - needs a GPU
+    import shutil
+
+    from neodeploy.runtime import load
+    from neodeploy.runtime.check import run_check
+
+    art = tmp_path / "art"
+    shutil.copytree(fp16_artifact, art)
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "build-engine", str(art), "--profile", "edge",
+                           "--timing-cache", str(tmp_path / "timing.cache")], capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((art / "neodeploy.json").read_text())
+    assert manifest["engine"]["profile"]["name"] == "edge" and (tmp_path / "timing.cache").is_file()
+    trt_model, ort_model = load(art, backend="tensorrt"), load(art)
+    prompts = [[5, 17, 33, 2, 250, 9], [42, 8]]
+    ours, theirs = trt_model.generate(prompts, max_new_tokens=8), ort_model.generate(prompts, max_new_tokens=8)
+    assert [len(g.output_ids) for g in ours] == [8, 8]
+    assert [g.output_ids[0] for g in ours] == [g.output_ids[0] for g in theirs]
+    assert all(r.passed for r in run_check(trt_model))
