@@ -180,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
 
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite)
+           overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size)
     return 0
 
 
@@ -386,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="longest prompt + generation the artifact serves "
                    "(default: the model's max positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size: 32 (default), 64 or 128")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with an exported artifact (no PyTorch needed)")

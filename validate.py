@@ -22,6 +22,8 @@ from neodeploy.runtime.model import Model, position_ids
 TOLERANCES = {
     "fp32": {"max_rel_error": 1e-3, "top1_agreement": 0.99, "ppl_ratio": 1e-3},
     "fp16": {"max_rel_error": 3e-2, "top1_agreement": 0.95, "ppl_ratio": 2e-2},
+    "int8": {"max_rel_error": 0.15, "top1_agreement": 0.90, "ppl_ratio": 0.05},
+    "int4": {"max_rel_error": 0.30, "top1_agreement": 0.80, "ppl_ratio": 0.15},
 }
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",

@@ -13,6 +13,7 @@ from pathlib import Path
 from neodeploy import __version__
 from neodeploy.errors import ExportError, UsageError, VerificationError
 from neodeploy.export import graph, verify
+from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
 from neodeploy.files import make_temp_dir, normalise_permissions
 from neodeploy.runtime.manifest import write_manifest
@@ -61,10 +62,17 @@ class Progress:
 
 
 def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, max_context: int | None,
-                  overwrite: bool):
+                  overwrite: bool, quantize: str | None = None, block_size: int = 32):
     """Every argument error before any heavy work, so a bad request writes nothing."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is not supported; choose fp32 or fp16")
+    if quantize is not None:
+        if quantize not in quantization.METHODS:
+            raise UsageError(f"--quantize {quantize!r} is not supported; choose int8 or int4")
+        if precision != "fp32":
+            raise UsageError("--quantize applies to fp32 exports (weights are quantised from fp32); drop --precision fp16")
+        if quantize == "int4" and block_size not in quantization.BLOCK_SIZES:
+            raise UsageError(f"--block-size {block_size} is not supported; choose 32, 64 or 128")
     if opset not in graph.SUPPORTED_OPSETS:
         raise UsageError(
             f"opset {opset} is not supported; choose {graph.SUPPORTED_OPSETS.start}..{graph.SUPPORTED_OPSETS.stop - 1} "
@@ -102,6 +110,8 @@ def export(
     opset: int = graph.DEFAULT_OPSET,
     max_context: int | None = None,
     overwrite: bool = False,
+    quantize: str | None = None,
+    block_size: int = 32,
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift."""
@@ -110,8 +120,9 @@ def export(
     from neodeploy.reference.checkpoint import load_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite)
-    progress = Progress(6, echo)
+    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
+    progress = Progress(7 if quantize else 6, echo)
+    gate = quantize or precision  # the verification tolerance that applies
     try:
         tmp = make_temp_dir(out_dir)
     except OSError as exc:
@@ -132,24 +143,32 @@ def export(
         with progress.stage("clean", "onnxslim constant folding and dead-node removal"):
             before, after = graph.clean(onnx_path)
             echo(f"      nodes: {before} -> {after}")
+        quant_entry = None
+        if quantize:
+            with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):
+                quant_entry = quantization.quantize(onnx_path, quantize, block_size)
+                echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)
-            results = [verify.compare(decoder, case, precision) for case in cases]
+            results = [verify.compare(decoder, case, gate) for case in cases]
             del decoder
-            echo(verify.table(results, precision))
+            echo(verify.table(results, gate))
             if not all(r.passed for r in results):
                 failed = next(r for r in results if not r.passed)
                 raise VerificationError(
                     f"verification failed on case {failed.name!r} ({'; '.join(failed.notes)}); nothing was published"
                 )
         with progress.stage("write", str(out_dir)):
-            verify.save_golden(tmp / "golden.npz", cases, precision)
+            verify.save_golden(tmp / "golden.npz", cases, gate)
             for name in COPIED:
                 if (checkpoint / name).is_file():
                     shutil.copyfile(checkpoint / name, tmp / name)
             normalise_permissions(tmp)
-            write_manifest(tmp, _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, results,
-                                          before, after, progress.times))
+            manifest = _manifest(spec, checkpoint, gate, opset, max_context, tokenizer, results, before, after,
+                                 progress.times)
+            if quant_entry:
+                manifest["quantization"] = quant_entry
+            write_manifest(tmp, manifest)
             _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,9 @@ from neodeploy.runtime.model import position_ids
 DECODE_STEPS = 16
 TOP_K = 10
 # Max abs logit error allowed, as a fraction of the logit scale (max |reference logit| in the case).
-TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+# Quantised weights move logits by design; their accuracy is judged by validate (top-1, perplexity) on
+# trained models, and these bounds only catch a broken graph.
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 0.15, "int4": 0.3}
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 LONG_TEXT = (
     "In the beginning the Universe was created. This has made a lot of people very angry and been widely "
@@ -175,7 +177,7 @@ def compare(decoder: OnnxDecoder, case: Case, precision: str) -> CaseResult:
     if max_err > tol * scale:
         result.passed = False
         result.notes.append(f"max |Δlogit| {max_err:.3g} > {tol:g} × scale {scale:.3g}")
-    if precision == "fp32" and true_div:
+    if precision == "fp32" and true_div:  # lower precisions may legitimately fork at a close call
         result.passed = False
         result.notes.append(f"{true_div} greedy tokens diverge")
     return result
@@ -190,7 +192,7 @@ def table(results: list[CaseResult], precision: str) -> str:
         prompt = str(r.prompt_lengths[0]) if len(set(r.prompt_lengths)) == 1 else f"{min(r.prompt_lengths)}..{max(r.prompt_lengths)}"
         lines.append(
             f"{r.name:<10} {r.batch:>5} {prompt:>9} {r.max_abs_error:>12.3e} {r.scale:>8.3g} {r.relative_error:>9.2e} "
-            f"{TOLERANCE[precision]:>7.0e} {f'{r.greedy_agree}/{r.greedy_total}':>8}  "
+            f"{TOLERANCE[precision]:>7.2g} {f'{r.greedy_agree}/{r.greedy_total}':>8}  "
             + ("ok" if r.passed else "FAIL: " + "; ".join(r.notes))
         )
     return "\n".join(lines)

@@ -70,3 +70,34 @@ def test_validate_and_layerwise_find_a_corrupted_block(trained_artifacts, tmp_pa
     lw = report.layerwise
     assert lw["labels"][lw["first_layer_beyond_tolerance"]] == "block 1"
     assert lw["relative_errors"][1] < 1e-5  # block 0 untouched
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_exports_pass_their_accuracy_gates(trained, tmp_path, method):
+    ckpt = trained("gpt_neox")
+    art = export(ckpt, tmp_path / method, quantize=method, echo=lambda s: None)
+    manifest = json.loads((art / "neodeploy.json").read_text())
+    assert manifest["precision"] == method and manifest["quantization"]["quantized_matmuls"] == 2 * 4 + 1
+    ops = {n.op_type for n in onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node}
+    assert ("MatMulInteger" if method == "int8" else "MatMulNBits") in ops
+    # The input embedding is a Gather and stays fp32; every quantised MatMul weight shrinks 4x (int8) / ~6x (int4).
+    fp32_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    embedding = manifest["spec"]["vocab_size"] * manifest["spec"]["hidden_size"] * 4
+    shrink = (fp32_bytes - embedding) / ((art / "model.onnx.data").stat().st_size - embedding)
+    assert shrink > (3.0 if method == "int8" else 5.0)
+    report = validate(load(art), ckpt, steps=24, echo=lambda s: None)
+    assert report.passed, report.failures
+    agreement = np.mean([s["top1"] for r in report.prompts for s in r.steps])
+    assert agreement >= (0.9 if method == "int8" else 0.8)
+
+
+def test_quantize_requests_are_checked(trained, tmp_path):
+    from neodeploy.errors import UsageError
+
+    ckpt = trained("gpt_neox")
+    for kwargs, message in ((dict(quantize="int8", precision="fp16"), "applies to fp32 exports"),
+                            (dict(quantize="int2"), "'int2' is not supported"),
+                            (dict(quantize="int4", block_size=48), "--block-size 48")):
+        with pytest.raises(UsageError, match=message):
+            export(ckpt, tmp_path / "out", echo=lambda s: None, **kwargs)
+    assert list(tmp_path.iterdir()) == []

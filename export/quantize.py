@@ -1,0 +1,60 @@
+"""Weight quantisation for CPU through onnxruntime.quantization: dynamic int8 MatMul, or int4 MatMulNBits.
+
+Only MatMuls with constant weights are quantised (the projections and the lm_head); activations, the
+KV cache, LayerNorm and softmax stay fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import onnx
+
+from neodeploy.errors import UsageError
+
+METHODS = ("int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
+
+
+def quantize(path: Path, method: str, block_size: int = 32) -> dict:
+    """Quantise model.onnx in place (its fp32 copy is set aside and removed); returns the manifest entry."""
+    if method not in METHODS:
+        raise UsageError(f"--quantize {method!r} is not supported; choose int8 or int4")
+    if method == "int4" and block_size not in BLOCK_SIZES:
+        raise UsageError(f"--block-size {block_size} is not supported; choose 32, 64 or 128")
+    original = path.parent / ".fp32"
+    original.mkdir()
+    source = original / path.name
+    path.rename(source)
+    path.with_name(path.name + ".data").rename(original / (path.name + ".data"))
+    quiet = io.StringIO()
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(quiet):
+            if method == "int8":
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                                 per_channel=True, use_external_data_format=True,
+                                 extra_options={"MatMulConstBOnly": True})
+                entry = {"method": "int8", "ops": "MatMul -> DynamicQuantizeLinear + MatMulInteger",
+                         "weights": "int8 per output channel, symmetric"}
+            else:
+                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=True)
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+                entry = {"method": "int4", "ops": "MatMul -> MatMulNBits", "block_size": block_size,
+                         "weights": "int4 per block, symmetric"}
+    finally:
+        shutil.rmtree(original, ignore_errors=True)
+    model = onnx.load(str(path), load_external_data=False)
+    model.ir_version = min(model.ir_version, 10)
+    onnx.save_model(model, str(path))
+    entry["quantized_matmuls"] = sum(n.op_type in ("MatMulInteger", "MatMulNBits") for n in model.graph.node)
+    return entry
