@@ -271,6 +271,27 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from neodeploy.bench import bench, plot, table, write_json
+
+    compare = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else None
+    report = bench(args.artifact, checkpoint=args.checkpoint, compare=compare, batches=_int_list(args.batch),
+                   prompt=args.prompt, new_tokens=args.new_tokens, repeat=args.repeat)
+    print(table(report))
+    if args.json:
+        write_json(Path(args.json), report)
+    if args.plot:
+        plot(report, Path(args.plot))
+    return 0
+
+
 def cmd_lint(args: argparse.Namespace) -> int:
     from neodeploy.export.lint import lint, table
     from neodeploy.profiles import ProfileError, load_profile, shipped
@@ -431,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     p.add_argument("--workspace", type=float, help="workspace memory limit in GiB")
     p.set_defaults(func=cmd_build_engine)
+
+    p = sub.add_parser("bench", help="prefill / decode speed of the runtime against its peers, in one run")
+    p.add_argument("artifact")
+    p.add_argument("--checkpoint", help="checkpoint for the peers (default: the one the artifact was exported from)")
+    p.add_argument("--compare", default=None, help="comma-separated peers: reference,transformers,optimum (default: all)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")
+    p.add_argument("--repeat", type=int, default=5, help="alternating repeats after a warm-up (default 5)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--plot", help="write a PNG chart here (matplotlib)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("lint", help="TensorRT readiness without a GPU: ops, control flow, bindings, profile shapes")
     p.add_argument("artifact")
