@@ -180,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
 
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size)
+           overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size, target=args.target)
     return 0
 
 
@@ -409,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size: 32 (default), 64 or 128")
+    p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime) or cpu "
+                   "(onnxruntime fusions, last-position logits only)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with an exported artifact (no PyTorch needed)")

@@ -166,7 +166,10 @@ def _perplexities(model: Model, reference) -> dict:
     text_ids = text_ids[: min(256, model.max_context)]
     ids = np.array([text_ids], np.int64)
     mask = np.ones_like(ids)
-    ours = model.backend.score(ids, mask, position_ids(mask))[0]
+    if model.manifest["onnx"].get("logits", "all") == "all":
+        ours = model.backend.score(ids, mask, position_ids(mask))[0]
+    else:  # last-position graphs (CPU target): one cached step per token gives every position's logits
+        ours = _runtime_step_logits(model, text_ids[:1], text_ids[1:] + [0])
     with torch.inference_mode():
         ref = reference(torch.from_numpy(ids))[0][0].numpy()
     targets = ids[0, 1:]

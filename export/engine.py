@@ -89,6 +89,9 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     if manifest["precision"] != "fp16":
         raise UsageError(f"{artifact} is an {manifest['precision']} export; TensorRT engines are built from fp16 "
                          "exports: run neodeploy export --precision fp16")
+    if manifest["onnx"].get("target", "portable") != "portable":
+        raise UsageError(f"{artifact} is a CPU-target export (onnxruntime-only fused ops); build engines from the "
+                         "portable export: neodeploy export --precision fp16")
     if not 0 <= opt_level <= 5:
         raise UsageError(f"--opt-level must be 0..5, got {opt_level}")
     onnx_file = artifact / manifest["onnx"]["file"]

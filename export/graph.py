@@ -43,12 +43,13 @@ def output_names(spec: ModelSpec, hidden_states: bool = False) -> list[str]:
 class _Decoder(nn.Module):
     """The reference with the cache as a list of (key, value) pairs in and out, as the exporter flattens it."""
 
-    def __init__(self, model: nn.Module, hidden_states: bool = False):
+    def __init__(self, model: nn.Module, hidden_states: bool = False, last_logits_only: bool = False):
         super().__init__()
-        self.model, self.hidden_states = model, hidden_states
+        self.model, self.hidden_states, self.last_logits_only = model, hidden_states, last_logits_only
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
-        return self.model(input_ids, attention_mask, position_ids, past_key_values, output_hidden_states=self.hidden_states)
+        return self.model(input_ids, attention_mask, position_ids, past_key_values,
+                          output_hidden_states=self.hidden_states, last_logits_only=self.last_logits_only)
 
 
 def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
@@ -63,7 +64,8 @@ def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
     return ids, mask, pos, cache
 
 
-def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_states: bool = False) -> None:
+def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_states: bool = False,
+          last_logits_only: bool = False) -> None:
     """Export `model` to `path` + `path.data` with dynamic batch / sequence / past dimensions.
 
     The exporter's own save streams each weight from the torch tensors into the data file, so the export
@@ -87,7 +89,7 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _Decoder(model, hidden_states),
+            _Decoder(model, hidden_states, last_logits_only),
             _example_inputs(spec, dtype),
             dynamo=True,
             input_names=input_names(spec),
@@ -103,20 +105,23 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
         raise RuntimeError(f"the exporter did not write {data.name}")
 
 
-def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hidden_states: bool) -> None:
+def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hidden_states: bool,
+                      last_logits_only: bool) -> None:
     from neodeploy.reference.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, dtype=torch.float16 if precision == "fp16" else torch.float32)
-    trace(model, Path(path), opset, hidden_states)
+    trace(model, Path(path), opset, hidden_states, last_logits_only)
 
 
-def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False) -> None:
+def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
+                        last_logits_only: bool = False) -> None:
     """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states).result()
+        pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states,
+                    last_logits_only).result()
 
 
 def convert(path: Path, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:
@@ -159,7 +164,8 @@ def _name_dynamic_dims(model: onnx.ModelProto, spec: ModelSpec) -> None:
         "input_ids": ("batch_size", "sequence_length"),
         "position_ids": ("batch_size", "sequence_length"),
         "attention_mask": ("batch_size", "past_sequence_length + sequence_length"),
-        "logits": ("batch_size", "sequence_length", None),
+        # A last-position-only graph (CPU target) has a fixed 1 there: leave it.
+        "logits": ("batch_size", "sequence_length" if not _static_dim(model, "logits", 1) else None, None),
     }
     for i in range(spec.num_layers + 1):
         names[f"hidden_states.{i}"] = ("batch_size", "sequence_length", None)
@@ -176,6 +182,11 @@ def _name_dynamic_dims(model: onnx.ModelProto, spec: ModelSpec) -> None:
                 dim.dim_param = name
     # Intermediate shapes still use the exporter's symbols; drop them rather than leave two vocabularies.
     del model.graph.value_info[:]
+
+
+def _static_dim(model: onnx.ModelProto, output: str, axis: int) -> bool:
+    value = next(o for o in model.graph.output if o.name == output)
+    return value.type.tensor_type.shape.dim[axis].HasField("dim_value")
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import graph, verify
+from neodeploy.export import fuse, graph, verify
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
 from neodeploy.files import make_temp_dir, normalise_permissions
@@ -20,6 +20,7 @@ from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
 PRECISIONS = ("fp32", "fp16")
+TARGETS = ("portable", "cpu")
 COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
@@ -112,6 +113,7 @@ def export(
     overwrite: bool = False,
     quantize: str | None = None,
     block_size: int = 32,
+    target: str = "portable",
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift."""
@@ -120,8 +122,11 @@ def export(
     from neodeploy.reference.checkpoint import load_checkpoint
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if target not in TARGETS:
+        raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum) or cpu")
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
-    progress = Progress(7 if quantize else 6, echo)
+    cpu = target == "cpu"
+    progress = Progress(6 + bool(quantize) + cpu, echo)
     gate = quantize or precision  # the verification tolerance that applies
     try:
         tmp = make_temp_dir(out_dir)
@@ -137,12 +142,17 @@ def export(
             gc.collect()
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
-            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision)
+            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=cpu)
         with progress.stage("convert", "I/O contract, dimension names, IR version"):
             graph.convert(onnx_path, spec, precision)
         with progress.stage("clean", "onnxslim constant folding and dead-node removal"):
             before, after = graph.clean(onnx_path)
             echo(f"      nodes: {before} -> {after}")
+        fused = None
+        if cpu:
+            with progress.stage("fuse", "onnxruntime transformer optimizer (CPU target)"):
+                fused = fuse.fuse(onnx_path, spec)
+                echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in fused.items()) or 'nothing'}")
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):
@@ -168,6 +178,8 @@ def export(
                                  progress.times)
             if quant_entry:
                 manifest["quantization"] = quant_entry
+            if cpu:
+                manifest["onnx"].update(target="cpu", logits="last", fused=fused)
             write_manifest(tmp, manifest)
             _publish(tmp, out_dir)
     except BaseException:
@@ -196,6 +208,7 @@ def _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, result
             "opset": opset,
             "ir_version": graph.IR_VERSION,
             "target": "portable",
+            "logits": "all",
             "inputs": graph.input_names(spec),
             "outputs": graph.output_names(spec),
             "nodes_before_clean": before,

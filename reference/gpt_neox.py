@@ -131,8 +131,10 @@ class GPTNeoX(nn.Module):
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
         output_hidden_states: bool = False,
+        last_logits_only: bool = False,
     ) -> tuple[Tensor, KVCache] | tuple[Tensor, KVCache, list[Tensor]]:
-        """(logits fp32, present); with output_hidden_states also [embeddings, block 1, ..., block L] outputs."""
+        """(logits fp32, present); with output_hidden_states also [embeddings, block 1, ..., block L] outputs.
+        last_logits_only computes the lm_head for the last position only (generation reads nothing else)."""
         seq = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = default_attention_mask(input_ids, past_length(past_key_values))
@@ -147,5 +149,5 @@ class GPTNeoX(nn.Module):
             x, k, v = layer(x, cos, sin, allowed, past_key_values[i] if past_key_values else None)
             present.append((k, v))
             hidden.append(x)
-        logits = self.embed_out(self.gpt_neox.final_layer_norm(x)).float()
+        logits = self.embed_out(self.gpt_neox.final_layer_norm(x[:, -1:] if last_logits_only else x)).float()
         return (logits, present, hidden) if output_hidden_states else (logits, present)

@@ -88,7 +88,10 @@ class OrtBackend:
         return self._run(input_ids, attention_mask, position_ids, state)
 
     def score(self, input_ids, attention_mask, position_ids):
-        return self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]), True)[0]
+        logits = self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]), True)[0]
+        if logits.shape[1] != input_ids.shape[1]:
+            raise UsageError("this graph returns last-position logits only (CPU target); score() needs a portable export")
+        return logits
 
 
 BACKENDS = ("onnxruntime", "tensorrt")
