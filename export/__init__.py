@@ -1,5 +1,14 @@
-"""ONNX export with KV-cache I/O (see DESIGN.md, "ONNX graph" and "Artifact folder")."""
+"""ONNX export with KV-cache I/O (see DESIGN.md, "ONNX graph" and "Artifact folder").
 
-from neodeploy.export.pipeline import PRECISIONS, export
+`export` is imported on first use: the TensorRT and lint modules of this package must not pull in torch.
+"""
 
 __all__ = ["export", "PRECISIONS"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from neodeploy.export import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'neodeploy.export' has no attribute {name!r}")

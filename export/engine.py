@@ -9,7 +9,6 @@ older TensorRT builds with the FP16 flag and pins the fp32 layers explicitly.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.files import sha256
 from neodeploy.profiles import DeploymentProfile, load_profile, trt_profiles
+from neodeploy.runtime.gpu import gpu_info, import_tensorrt
 from neodeploy.runtime.manifest import MANIFEST, read_manifest, verify_files
 
 ENGINE = "model.engine"
@@ -29,34 +29,6 @@ STRONGLY_TYPED_SINCE = (10, 12)
 
 def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise UsageError(
-            "build-engine needs TensorRT, which is not installed here; on a machine with an NVIDIA GPU run "
-            "pip install 'neodeploy[trt]'"
-        ) from exc
-    return trt
-
-
-def gpu_info() -> dict:
-    """Name and compute capability of GPU 0 through the CUDA driver API (no torch, no cuda-python)."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as exc:
-        raise UsageError("no NVIDIA driver (libcuda.so.1) found; TensorRT engines need an NVIDIA GPU") from exc
-    device = ctypes.c_int()
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
-        raise UsageError("the NVIDIA driver found no usable GPU")
-    name = ctypes.create_string_buffer(256)
-    cuda.cuDeviceGetName(name, 256, device)
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
-    cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
-    return {"name": name.value.decode(errors="replace"), "compute_capability": f"{major.value}.{minor.value}"}
 
 
 def _pin_fp32_islands(network, trt) -> int:
@@ -98,7 +70,11 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     verify_files(artifact, manifest, [manifest["onnx"]["file"], manifest["onnx"]["external_data"]])
     trt = import_tensorrt()
     gpu = gpu_info()
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    try:
+        from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+        from polygraphy.exception import PolygraphyException
+    except ImportError as exc:
+        raise UsageError("build-engine needs polygraphy: pip install 'neodeploy[trt]'") from exc
 
     version = trt.__version__
     strongly_typed = _version_tuple(version) >= STRONGLY_TYPED_SINCE
@@ -119,6 +95,8 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
             p.add(tensor, min=low, opt=opt, max=high)
         profiles.append(p)
     cache = Path(timing_cache) if timing_cache else None
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)  # Polygraphy saves it only after the build
     config = CreateConfig(
         fp16=not strongly_typed,
         precision_constraints=None if strongly_typed else "obey",
@@ -134,16 +112,18 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     beat = threading.Thread(target=_heartbeat, args=(echo, stop, start), daemon=True)
     beat.start()
     try:
-        engine_bytes = EngineBytesFromNetwork(network, config=config,
-                                              save_timing_cache=str(cache) if cache else None)()
+        # IHostMemory (buffer protocol, no len()): copy it out once.
+        engine_bytes = bytes(EngineBytesFromNetwork(network, config=config,
+                                                    save_timing_cache=str(cache) if cache else None)())
+    except PolygraphyException as exc:
+        raise ArtifactError(f"TensorRT could not build the engine ({str(exc).splitlines()[0]}); "
+                            f"run neodeploy lint {artifact} --profile {deployment.name}") from exc
     finally:
         stop.set()
-    if engine_bytes is None:
-        raise ArtifactError("TensorRT could not build the engine (see its log above); run neodeploy lint on the artifact")
     seconds = time.perf_counter() - start
     echo(f"[3/3] write {ENGINE} ({len(engine_bytes) / 1e6:.1f} MB) after {seconds:.0f} s")
     tmp = artifact / f".{ENGINE}.tmp"
-    tmp.write_bytes(bytes(engine_bytes))
+    tmp.write_bytes(engine_bytes)
     os.replace(tmp, artifact / ENGINE)
     manifest["engine"] = {
         "file": ENGINE,

@@ -78,6 +78,8 @@ def load_profile(name_or_path: str | Path) -> DeploymentProfile:
     context = _range(data, "context", source, default_min=prompt.min + 1)
     profile = DeploymentProfile(str(data.get("name", path.stem)), str(data.get("description", "")),
                                 _range(data, "batch", source), prompt, context)
+    if context.opt <= prompt.min:
+        raise ProfileError(f"profile {source}: context opt {context.opt} must exceed prompt min {prompt.min}")
     if prompt.max >= context.max:
         raise ProfileError(f"profile {source}: prompt max {prompt.max} leaves no room to generate within "
                            f"context max {context.max}")

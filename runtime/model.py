@@ -138,10 +138,16 @@ class Model:
             raise UsageError("no prompts given")
         encoded = [self.encode(p) for p in prompts]
         longest = max(len(ids) for ids in encoded)
-        if longest + params.max_new_tokens > self.max_context:
+        # An engine's profile can be narrower than the artifact: check before any token is produced.
+        for limit, value, what in ((getattr(self.backend, "max_batch", None), len(encoded), "batch"),
+                                   (getattr(self.backend, "max_prompt", None), longest, "prompt")):
+            if limit is not None and value > limit:
+                raise UsageError(f"{what} of {value} exceeds the engine's profile (max {limit}); rebuild with a larger profile")
+        max_context = min(self.max_context, getattr(self.backend, "max_context", None) or self.max_context)
+        if longest + params.max_new_tokens > max_context:
             raise UsageError(
                 f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the artifact's "
-                f"context of {self.max_context} tokens; shorten the prompt or ask for fewer tokens"
+                f"context of {max_context} tokens; shorten the prompt or ask for fewer tokens"
             )
         return encoded
 

@@ -29,15 +29,19 @@ class _Pinned:
     def __init__(self, cuda, count: int):
         self.cuda, self.ptr = cuda, ctypes.c_void_p()
         handle = cuda.wrapper().handle
-        if hasattr(handle, "cudaMallocHost") and handle.cudaMallocHost(ctypes.byref(self.ptr), count * 4) == 0:
+        # c_size_t: a bare Python int would be truncated to 32 bits by ctypes.
+        if hasattr(handle, "cudaMallocHost") and handle.cudaMallocHost(ctypes.byref(self.ptr), ctypes.c_size_t(count * 4)) == 0:
             self.array = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.ptr.value))
         else:
             self.ptr = None
             self.array = np.empty(count, np.float32)
 
-    def __del__(self):
+    def close(self):
         if self.ptr:
             self.cuda.wrapper().handle.cudaFreeHost(self.ptr)
+            self.ptr = None
+
+    __del__ = close
 
 
 class TensorRTBackend:
@@ -51,7 +55,7 @@ class TensorRTBackend:
         except ImportError as exc:
             raise UsageError("the TensorRT backend needs tensorrt and polygraphy: pip install 'neodeploy[trt]' "
                              "on a machine with an NVIDIA GPU") from exc
-        from neodeploy.export.engine import gpu_info
+        from neodeploy.runtime.gpu import gpu_info
 
         info = manifest.get("engine")
         if not info:
@@ -78,10 +82,14 @@ class TensorRTBackend:
         self.max_batch, self.max_prompt = profile["batch"]["max"], profile["prompt"]["max"]
         self.max_context = profile["context"]["max"]
         self.stream = cuda.Stream()
+        if self.engine.num_optimization_profiles != 2:
+            raise ArtifactError(f"{info['file']} has {self.engine.num_optimization_profiles} optimisation profiles, "
+                                "expected 2 (context, generation); rebuild it with neodeploy build-engine")
         self.contexts = []
         for index in range(2):
             context = self.engine.create_execution_context()
-            context.set_optimization_profile_async(index, self.stream.ptr)
+            if context is None or not context.set_optimization_profile_async(index, self.stream.ptr):
+                raise ArtifactError(f"TensorRT could not create the execution context for profile {index}")
             self.contexts.append(context)
         self.lock = threading.Lock()
         cache_bytes = self.max_batch * self.heads * self.max_context * self.head_dim * KV_BYTES
@@ -98,6 +106,20 @@ class TensorRTBackend:
         self.cuda.wrapper().memcpy(self.inputs[name].ptr, array.ctypes.data, array.nbytes,
                                    self.cuda.MemcpyKind.HostToDevice, self.stream.ptr)
 
+    @staticmethod
+    def _bind(context, name: str, ptr: int, shape: tuple[int, ...] | None = None) -> None:
+        if shape is not None and not context.set_input_shape(name, shape):
+            raise UsageError(f"shape {list(shape)} of {name} is outside the engine's optimisation profile")
+        if not context.set_tensor_address(name, ptr):
+            raise ArtifactError(f"TensorRT refused the address of {name}; the engine does not match the artifact")
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (Polygraphy's arrays are not freed by garbage collection)."""
+        for array in [*self.inputs.values(), self.logits, *(a for group in self.kv for a in group)]:
+            array.free()
+        self.host_logits.close()
+        self.stream.free()
+
     def _run(self, profile: int, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past_len: int, parity: int,
              all_positions: bool) -> np.ndarray:
         batch, seq = ids.shape
@@ -110,14 +132,12 @@ class TensorRTBackend:
         context = self.contexts[profile]
         for name, array in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
             self._copy_in(name, array)
-            context.set_input_shape(name, array.shape)
-            context.set_tensor_address(name, self.inputs[name].ptr)
+            self._bind(context, name, self.inputs[name].ptr, tuple(int(d) for d in array.shape))
         past, present = self.kv[parity], self.kv[1 - parity]
         for k, suffix in enumerate(self.kv_names):
-            context.set_input_shape(f"past_key_values.{suffix}", (batch, self.heads, past_len, self.head_dim))
-            context.set_tensor_address(f"past_key_values.{suffix}", past[k].ptr)
-            context.set_tensor_address(f"present.{suffix}", present[k].ptr)
-        context.set_tensor_address("logits", self.logits.ptr)
+            self._bind(context, f"past_key_values.{suffix}", past[k].ptr, (batch, self.heads, past_len, self.head_dim))
+            self._bind(context, f"present.{suffix}", present[k].ptr)
+        self._bind(context, "logits", self.logits.ptr)
         if not context.execute_async_v3(self.stream.ptr):
             raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
         row = self.vocab * 4
@@ -145,4 +165,5 @@ class TensorRTBackend:
         return logits, (1 - parity, length + 1)
 
     def score(self, input_ids, attention_mask, position_ids):
-        return self._run(0, input_ids, attention_mask, position_ids, 0, 0, True)
+        with self.lock:  # shares the buffers with generations
+            return self._run(0, input_ids, attention_mask, position_ids, 0, 0, True)

@@ -113,7 +113,7 @@ def _has_tensorrt_and_gpu() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "tensorrt is not installed"
-    from neodeploy.export.engine import gpu_info
+    from neodeploy.runtime.gpu import gpu_info
 
     try:
         gpu_info()
@@ -146,11 +146,12 @@ def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pra
 
     art = tmp_path / "art"
     shutil.copytree(fp16_artifact, art)
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "build-engine", str(art), "--profile", "edge",
+    # batch: up to 16 sequences and 512-token prompts, so the golden cases (batch 3, 300 tokens) fit.
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "build-engine", str(art), "--profile", "batch",
                            "--timing-cache", str(tmp_path / "timing.cache")], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((art / "neodeploy.json").read_text())
-    assert manifest["engine"]["profile"]["name"] == "edge" and (tmp_path / "timing.cache").is_file()
+    assert manifest["engine"]["profile"]["name"] == "batch" and (tmp_path / "timing.cache").is_file()
     trt_model, ort_model = load(art, backend="tensorrt"), load(art)
     prompts = [[5, 17, 33, 2, 250, 9], [42, 8]]
     ours, theirs = trt_model.generate(prompts, max_new_tokens=8), ort_model.generate(prompts, max_new_tokens=8)

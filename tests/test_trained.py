@@ -101,3 +101,23 @@ def test_quantize_requests_are_checked(trained, tmp_path):
         with pytest.raises(UsageError, match=message):
             export(ckpt, tmp_path / "out", echo=lambda s: None, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family,quantize", [("gpt_neox", None), ("gpt_neo", None), ("gpt_neox", "int8")])
+def test_cpu_target_fuses_and_passes_validate(trained, tmp_path, family, quantize):
+    ckpt = trained(family)
+    art = export(ckpt, tmp_path / "cpu", target="cpu", quantize=quantize, echo=lambda s: None)
+    manifest = json.loads((art / "neodeploy.json").read_text())
+    assert manifest["onnx"]["target"] == "cpu" and manifest["onnx"]["logits"] == "last"
+    assert manifest["onnx"]["fused"].get("SkipLayerNormalization", 0) >= 2
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1  # the lm_head runs on the last position only
+    model = load(art)
+    report = validate(model, ckpt, steps=16, echo=lambda s: None)
+    assert report.passed, report.failures
+    if quantize:
+        return  # int8 is judged by validate above; its dynamic activation scales may fork a near-tie
+    portable = load(export(ckpt, tmp_path / "portable", echo=lambda s: None))
+    prompts = ["Return the", "Create a new"]
+    assert [g.output_ids for g in model.generate(prompts, max_new_tokens=8)] == \
+        [g.output_ids for g in portable.generate(prompts, max_new_tokens=8)]
