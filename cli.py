@@ -342,7 +342,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)[0]
     print(f"   prompt ids {result.prompt_ids[:12]}{' ...' if len(result.prompt_ids) > 12 else ''}")
     print(f"   output ids {result.output_ids}  ({result.finish_reason})")
-    print(f"   text       {result.text!r}")
+    print(f"   text       {result.text!r}" + ("  (random weights mostly emit ids beyond the built-in byte tokenizer's "
+                                                 "257 tokens, which decode to nothing)" if not result.text.strip() else ""))
     print("== 4/5 check: replay golden.npz with the runtime alone")
     results = run_check(model)
     print(check_table(results))

@@ -16,6 +16,19 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def check_destination(out: Path, overwrite: bool, error: type[Exception]) -> None:
+    """A new folder may be created at `out` (or replaced, with overwrite): refuse before any work is done."""
+    if out.exists() and not overwrite:
+        raise error(f"{out} already exists; choose another folder or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise error(f"{out} exists and is not a folder; choose another destination")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise error(f"parent folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise error(f"cannot write to {parent}; choose a writable destination")
+
+
 def make_temp_dir(final: Path) -> Path:
     """A work folder beside `final` (same filesystem, so publishing is one rename), with the permissions a
     plain mkdir would give rather than mkdtemp's private 0700."""

@@ -15,7 +15,7 @@ from neodeploy.errors import ExportError, UsageError, VerificationError
 from neodeploy.export import fuse, graph, verify
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
-from neodeploy.files import make_temp_dir, normalise_permissions
+from neodeploy.files import check_destination, make_temp_dir, normalise_permissions
 from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -89,15 +89,7 @@ def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, m
             f"--max-context {max_context} exceeds the {spec.max_positions} learned positions of this GPT-Neo "
             f"checkpoint; use at most {spec.max_positions}"
         )
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists; choose another OUT_DIR or pass --overwrite")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
-    parent = out_dir.resolve().parent
-    if not parent.is_dir():
-        raise ExportError(f"parent folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise ExportError(f"cannot write to {parent}; choose a writable destination")
+    check_destination(out_dir, overwrite, ExportError)
     if out_dir.resolve() == checkpoint.resolve():
         raise ExportError("OUT_DIR is the checkpoint folder itself; choose a new folder for the artifact")
     return spec, max_context

@@ -9,7 +9,6 @@ skipped.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -24,7 +23,7 @@ from neodeploy.errors import CheckpointError, UsageError
 from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
-from neodeploy.files import make_temp_dir
+from neodeploy.files import check_destination, make_temp_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -212,13 +211,7 @@ def make_checkpoint(
     dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
     if file_format not in ("safetensors", "bin"):
         raise UsageError(f"file format {file_format!r} is not one of safetensors, bin")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; choose another folder or pass --overwrite")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"parent folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}; choose a writable destination")
+    check_destination(out, overwrite, UsageError)
     tmp = make_temp_dir(out)
     try:
         with torch.device("meta"):

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from conftest import hf_load, tiny_neox
 
