@@ -194,7 +194,8 @@ def weight_bytes_per_token(artifact: Path, manifest: dict) -> int:
     data = artifact / manifest["onnx"]["external_data"]
     total = data.stat().st_size if data.is_file() else 0
     if not spec["tied_embeddings"]:
-        total -= spec["vocab_size"] * spec["hidden_size"] * 4  # the input embedding stays fp32 in every export
+        # The input embedding is never quantised: fp16 in fp16 exports, fp32 otherwise.
+        total -= spec["vocab_size"] * spec["hidden_size"] * (2 if manifest["precision"] == "fp16" else 4)
     return max(total, 0)
 
 
@@ -217,7 +218,8 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     skipped: list[dict] = []
     runners: dict[str, Runner] = {}
     memory: dict[str, float] = {}
-    workdir = Path(tempfile.mkdtemp(prefix="neodeploy-bench-"))
+    scratch = tempfile.TemporaryDirectory(prefix="neodeploy-bench-")  # Optimum's export; removed at the end
+    workdir = Path(scratch.name)
     for name in ["neodeploy", *compare]:
         before = _rss_mb()
         try:
@@ -255,6 +257,10 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
                 batch_results[name].decode_ms.append(decode_ms)
             echo(f"  batch {batch}: repeat {r + 1}/{repeat} done")
         results.extend(batch_results.values())
+    for runner in runners.values():
+        getattr(getattr(runner, "backend", None), "close", lambda: None)()
+    runners.clear()
+    scratch.cleanup()
     summaries = [r.summary(new_tokens, floor_ms) for r in results]
     ratios = {}
     for batch in batches:
@@ -283,7 +289,9 @@ def table(report: dict) -> str:
         p, d = s["prefill_ms"], s["decode_ms_per_token"]
         lines.append(f"{s['system']:<13} {s['batch']:>5} {p['median']:>8.1f} [{p['min']:.0f}-{p['max']:.0f}]".ljust(38)
                      + f" {d['median']:>8.2f} [{d['min']:.1f}-{d['max']:.1f}]".ljust(21)
-                     + f" {s['tokens_per_s']:>8.1f} {s['decode_x_floor']:>8.2f} {s['memory_mb']:>8.0f}")
+                     + f" {s['tokens_per_s']:>8.1f} "
+                     + (f"{s['decode_x_floor']:>8.2f}" if s["decode_x_floor"] else f"{'n/a':>8}")
+                     + f" {s['memory_mb']:>8.0f}")
     w = report["weights"]
     lines.append(f"weights read per token {w['bytes_per_token'] / 1e6:.0f} MB at {report['machine']['copy_bandwidth_gbs']:.1f} GB/s "
                  f"copy bandwidth: floor {w['floor_ms_per_token']:.1f} ms/token")

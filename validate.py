@@ -118,6 +118,11 @@ def validate(model: Model, checkpoint: str | Path, prompts: list[str] | None = N
 
     precision = model.manifest["precision"]
     tol = TOLERANCES[precision]
+    if model.tokenizer is None:
+        raise UsageError(f"{model.artifact} has no tokenizer; validate runs text prompts, export from a checkpoint "
+                         "with tokenizer files")
+    if layerwise and "quantization" in model.manifest:
+        raise UsageError("--layerwise compares unquantised blocks; run it on the fp32 or fp16 export of this model")
     reference = load_checkpoint(checkpoint)
     if reference.spec.to_dict() != model.manifest["spec"]:
         raise UsageError(f"{checkpoint} is not the checkpoint this artifact was exported from (the specs differ)")

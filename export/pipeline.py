@@ -90,8 +90,9 @@ def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, m
             f"checkpoint; use at most {spec.max_positions}"
         )
     check_destination(out_dir, overwrite, ExportError)
-    if out_dir.resolve() == checkpoint.resolve():
-        raise ExportError("OUT_DIR is the checkpoint folder itself; choose a new folder for the artifact")
+    if out_dir.resolve() == checkpoint.resolve() or out_dir.resolve() in checkpoint.resolve().parents:
+        raise ExportError("OUT_DIR is or contains the checkpoint folder (--overwrite would delete it); "
+                          "choose a new folder for the artifact")
     return spec, max_context
 
 
@@ -233,7 +234,11 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)
-        tmp.rename(out_dir)
+        try:
+            tmp.rename(out_dir)
+        except BaseException:
+            old.rename(out_dir)  # put the previous artifact back rather than leave nothing
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out_dir)

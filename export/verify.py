@@ -216,6 +216,10 @@ def save_golden(path: Path, cases: list[Case], precision: str) -> None:
         arrays[f"{c.name}/last_logits"] = c.step_logits[:, 0].astype(np.float32)
         arrays[f"{c.name}/topk_ids"] = top.astype(np.int64)
         arrays[f"{c.name}/topk_logits"] = np.take_along_axis(c.step_logits, top, -1).astype(np.float32)
+        # The logit scale the export's tolerance was applied to, so check applies the very same bound.
+        real = c.attention_mask.astype(bool)
+        arrays[f"{c.name}/scale"] = np.array(max(float(np.abs(c.prefill_logits[real]).max()),
+                                                 float(np.abs(c.step_logits).max())))
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
 

@@ -53,6 +53,10 @@ class OrtBackend:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         self.providers = self.session.get_providers()
+        dropped = [p for p in providers if p not in self.providers]
+        if dropped:  # onnxruntime falls back to CPU silently when a GPU provider fails to initialise
+            raise UsageError(f"onnxruntime could not initialise {dropped[0]} (check the CUDA / cuDNN libraries), "
+                             "or pass providers=['CPUExecutionProvider']")
         self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.num_layers, self.num_heads, self.head_dim, self.kv_dtype = num_layers, num_heads, head_dim, kv_dtype
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]

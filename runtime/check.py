@@ -55,7 +55,7 @@ def run_check(model: Model) -> list[CheckResult]:
         want_tokens, want_last = golden[f"{name}/tokens"], golden[f"{name}/last_logits"]
         topk_ids, topk_logits = golden[f"{name}/topk_ids"], golden[f"{name}/topk_logits"]
         logits, state = model.backend.prefill(ids, mask, position_ids(mask))
-        scale = float(np.abs(want_last).max())
+        scale = float(golden[f"{name}/scale"]) if f"{name}/scale" in golden else float(np.abs(want_last).max())
         err = float(np.abs(logits - want_last).max())
         failures = []
         if not np.isfinite(logits).all():
@@ -81,7 +81,7 @@ def run_check(model: Model) -> list[CheckResult]:
             mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
             logits, state = model.backend.decode(forced, mask, position_ids(mask)[:, -1:], state)
             tokens = logits.argmax(-1)
-        if diverged:
+        if diverged and str(golden["precision"]) == "fp32":  # as at export: lower precisions may fork at a close call
             failures.append(f"greedy tokens diverge from the reference ({agree}/{want_tokens.size} agree)")
         results.append(CheckResult(name, ids.shape[0], err, scale, tolerance, agree, want_tokens.size,
                                    not failures, round(time.perf_counter() - start, 3), failures))

@@ -132,6 +132,8 @@ class Model:
 
     def _prepare(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams) -> list[list[int]]:
         params.check()
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         if not prompts:
@@ -179,9 +181,15 @@ class Model:
                 logits, state = self.backend.decode(tokens[:, None].astype(np.int64), mask, position_ids(mask)[:, -1:], state)
 
     def _stop_ids(self, stop: Sequence[str | int] | None) -> tuple[set[int], list[str]]:
-        stop = [stop] if isinstance(stop, (str, int)) else list(stop or [])
+        stop = [stop] if isinstance(stop, (str, int, np.integer)) else list(stop or [])
         ids = {int(s) for s in stop if not isinstance(s, str)}
         strings = [s for s in stop if isinstance(s, str) and s]
+        if self.tokenizer is not None:
+            # A stop string that is one special token never shows in the decoded text (specials are skipped):
+            # stop on its id instead.
+            special = {s: self.tokenizer.token_to_id(s) for s in strings}
+            ids |= {i for i in special.values() if i is not None}
+            strings = [s for s in strings if special[s] is None]
         if strings and self.tokenizer is None:
             raise UsageError("stop strings need a tokenizer; this artifact has none, pass stop token ids")
         if self.eos_token_id is not None:
@@ -246,11 +254,11 @@ class Model:
                 safe = len(text)
                 if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far: wait for its other bytes
                     safe = len(text.rstrip("\ufffd"))
-                for s in stop_strings:  # hold back a tail that could still grow into a stop string
-                    for k in range(min(len(s) - 1, safe), 0, -1):
-                        if text[:safe].endswith(s[:k]):
-                            safe -= k
-                            break
+                # Hold back the longest tail that could still grow into any stop string.
+                visible = text[:safe]
+                hold = max((k for s in stop_strings for k in range(1, min(len(s) - 1, safe) + 1)
+                            if visible.endswith(s[:k])), default=0)
+                safe -= hold
                 if safe > sent:
                     yield text[sent:safe]
                     sent = safe

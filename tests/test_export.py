@@ -235,3 +235,13 @@ def test_cli_export_errors_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "'dynamic'" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_out_dir_containing_the_checkpoint_is_refused(tmp_path):
+    from neodeploy.reference import make_checkpoint
+
+    (tmp_path / "work").mkdir()
+    ckpt = make_checkpoint(tiny_neox(), tmp_path / "work" / "ckpt")
+    with pytest.raises(ExportError, match="contains the checkpoint"):
+        export(ckpt, tmp_path / "work", overwrite=True, echo=lambda s: None)
+    assert (ckpt / "model.safetensors").is_file()

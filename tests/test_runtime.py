@@ -275,3 +275,16 @@ def test_cli_generate_check_and_reports(pair, tmp_path):
     ):
         proc = _cli(*args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_special_token_stop_strings_and_numpy_inputs(tmp_path):
+    model, script = _scripted_model(tmp_path, "alpha beta gamma")
+    eot = model.tokenizer.token_to_id("<|endoftext|>")
+    model.backend.script = model.tokenizer.encode("Sure.") + [eot] + model.tokenizer.encode(" more")
+    model.eos_token_id = None  # so only the stop string can end it
+    result = model.generate(np.array([5]), max_new_tokens=30, stop=["<|endoftext|>"])[0]
+    assert result.text == "Sure." and result.finish_reason == "stop"
+    assert model.generate([5], max_new_tokens=30, stop=np.int64(eot))[0].text == "Sure."
+    # Two stop strings: a tail that can only start one of them is held back only for that one.
+    model, _ = _scripted_model(tmp_path, "xa tail")
+    assert "".join(model.stream([5], max_new_tokens=30, stop=["ab", "xz"])) == "xa tail"
