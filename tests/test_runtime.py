@@ -288,3 +288,15 @@ def test_special_token_stop_strings_and_numpy_inputs(tmp_path):
     # Two stop strings: a tail that can only start one of them is held back only for that one.
     model, _ = _scripted_model(tmp_path, "xa tail")
     assert "".join(model.stream([5], max_new_tokens=30, stop=["ab", "xz"])) == "xa tail"
+
+
+def test_check_skips_cases_outside_an_engine_profile(pair):
+    from neodeploy.runtime.check import run_check, table
+
+    _, art = pair
+    model = load(art)
+    model.backend.max_prompt = 50  # as a TensorRT engine built for short prompts would declare
+    results = {r.case: r for r in run_check(model)}
+    assert results["long"].skipped and "prompt" in results["long"].skipped
+    assert results["short"].skipped is None and all(r.passed for r in results.values())
+    assert "skipped: outside the engine's profile" in table(list(results.values()))
