@@ -188,15 +188,34 @@ def _run_once(runner: Runner, ids: np.ndarray, new_tokens: int) -> tuple[float, 
 
 
 def weight_bytes_per_token(artifact: Path, manifest: dict) -> int:
-    """Bytes of weights a decode step reads: the data file, less the input embedding (a Gather reads one
-    row per token) when it is not tied to the output projection."""
-    spec = manifest["spec"]
-    data = artifact / manifest["onnx"]["external_data"]
-    total = data.stat().st_size if data.is_file() else 0
-    if not spec["tied_embeddings"]:
-        # The input embedding is never quantised: fp16 in fp16 exports, fp32 otherwise.
-        total -= spec["vocab_size"] * spec["hidden_size"] * (2 if manifest["precision"] == "fp16" else 4)
-    return max(total, 0)
+    """Bytes of weights one decode step reads: every initializer except those only a Gather consumes (an
+    embedding lookup reads one row per token). Falls back to the data file less the input embedding when
+    onnx is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        spec = manifest["spec"]
+        total = (artifact / manifest["onnx"]["external_data"]).stat().st_size
+        if not spec["tied_embeddings"]:
+            total -= spec["vocab_size"] * spec["hidden_size"] * (2 if manifest["precision"] == "fp16" else 4)
+        return max(total, 0)
+    model = onnx.load(str(artifact / manifest["onnx"]["file"]), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for tensor in model.graph.initializer:
+        ops = consumers.get(tensor.name, set())
+        if not ops or ops == {"Gather"}:
+            continue
+        external = {e.key: e.value for e in tensor.external_data}
+        if "length" in external:
+            total += int(external["length"])
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
 
 
 def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: list[str] | None = None,

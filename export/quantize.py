@@ -20,6 +20,40 @@ METHODS = ("int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 
 
+def _fold_weight_transposes(path: Path) -> int:
+    """A tied lm_head reaches its MatMul through Transpose(embedding): the quantiser only takes constant weights,
+    so give that MatMul its own pre-transposed initializer (the embedding itself stays for the Gather)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    initializers = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    folded = []
+    for node in model.graph.node:
+        if node.op_type != "Transpose" or node.input[0] not in initializers:
+            continue
+        users = consumers.get(node.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.input[1] != node.output[0] for u in users):
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(initializers[node.input[0]])
+        model.graph.initializer.append(numpy_helper.from_array(weight.transpose(perm), node.output[0] + "_folded"))
+        for user in users:
+            user.input[1] = node.output[0] + "_folded"
+        folded.append(node)
+    if folded:
+        for node in folded:
+            model.graph.node.remove(node)
+        data = path.with_name(path.name + ".data")
+        data.unlink()
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    return len(folded)
+
+
 def quantize(path: Path, method: str, block_size: int = 32) -> dict:
     """Quantise model.onnx in place (its fp32 copy is set aside and removed); returns the manifest entry."""
     if method not in METHODS:
@@ -31,6 +65,7 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
     source = original / path.name
     path.rename(source)
     path.with_name(path.name + ".data").rename(original / (path.name + ".data"))
+    _fold_weight_transposes(source)
     quiet = io.StringIO()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     try:

@@ -245,3 +245,15 @@ def test_out_dir_containing_the_checkpoint_is_refused(tmp_path):
     with pytest.raises(ExportError, match="contains the checkpoint"):
         export(ckpt, tmp_path / "work", overwrite=True, echo=lambda s: None)
     assert (ckpt / "model.safetensors").is_file()
+
+
+def test_int8_quantises_a_tied_lm_head(tmp_path):
+    """GPT-Neo's lm_head reaches its MatMul through Transpose(wte); it must be quantised like every projection."""
+    from neodeploy.reference import make_checkpoint
+
+    ckpt = make_checkpoint(tiny_neo(), tmp_path / "ckpt", init_std=0.1)
+    art = export(ckpt, tmp_path / "int8", quantize="int8", echo=lambda s: None)
+    manifest = json.loads((art / "neodeploy.json").read_text())
+    assert manifest["quantization"]["quantized_matmuls"] == 3 * 6 + 1  # q, k, v, out, fc, proj per layer + lm_head
+    graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0].endswith("lm_head.weight")]
