@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import onnx
+
+from neodeploy.export.graph import set_aside
 
 FUSED = ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "Attention", "MultiHeadAttention",
          "GroupQueryAttention", "RotaryEmbedding")
@@ -21,20 +22,12 @@ def fuse(path: Path, spec) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    original = path.parent / ".unfused"
-    original.mkdir()
-    source = original / path.name
-    path.rename(source)
-    path.with_name(path.name + ".data").rename(original / (path.name + ".data"))
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            # GPT-NeoX maps to onnxruntime's BERT fusions and GPT-Neo to GPT-2's; the patterns they match here are
-            # the same (SkipLayerNorm, BiasGelu), attention is not fused by either.
-            optimized = optimize_model(str(source), model_type="gpt2" if spec.family == "gpt_neo" else "bert",
-                                       num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=0)
-            optimized.save_model_to_file(str(path), use_external_data_format=True, all_tensors_to_one_file=True)
-    finally:
-        shutil.rmtree(original, ignore_errors=True)
+    with set_aside(path, ".unfused") as source, contextlib.redirect_stdout(io.StringIO()):
+        # GPT-NeoX maps to onnxruntime's BERT fusions and GPT-Neo to GPT-2's; the patterns they match here are
+        # the same (SkipLayerNorm, BiasGelu), attention is not fused by either.
+        optimized = optimize_model(str(source), model_type="gpt2" if spec.family == "gpt_neo" else "bert",
+                                   num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=0)
+        optimized.save_model_to_file(str(path), use_external_data_format=True, all_tensors_to_one_file=True)
     written = [p for p in path.parent.iterdir() if p.name.startswith(path.name) and p.name != path.name]
     data = path.with_name(path.name + ".data")
     if not data.exists() and len(written) == 1:  # the optimizer names its data file itself: normalise it

@@ -189,6 +189,22 @@ def _static_dim(model: onnx.ModelProto, output: str, axis: int) -> bool:
     return value.type.tensor_type.shape.dim[axis].HasField("dim_value")
 
 
+@contextlib.contextmanager
+def set_aside(path: Path, folder: str):
+    """Move model.onnx and its data into a side folder and yield the moved model's path, so a rewriting
+    tool can read it and write a new model.onnx in place; the side folder is removed afterwards."""
+    import shutil
+
+    side = path.parent / folder
+    side.mkdir()
+    try:
+        path.rename(side / path.name)
+        path.with_name(path.name + DATA_SUFFIX).rename(side / (path.name + DATA_SUFFIX))
+        yield side / path.name
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
+
+
 def op_counts(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 

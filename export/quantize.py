@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 from pathlib import Path
 
 import onnx
 
 from neodeploy.errors import UsageError
+from neodeploy.export.graph import set_aside
 
 METHODS = ("int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
@@ -60,15 +60,10 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
         raise UsageError(f"--quantize {method!r} is not supported; choose int8 or int4")
     if method == "int4" and block_size not in BLOCK_SIZES:
         raise UsageError(f"--block-size {block_size} is not supported; choose 32, 64 or 128")
-    original = path.parent / ".fp32"
-    original.mkdir()
-    source = original / path.name
-    path.rename(source)
-    path.with_name(path.name + ".data").rename(original / (path.name + ".data"))
-    _fold_weight_transposes(source)
     quiet = io.StringIO()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    try:
+    with set_aside(path, ".fp32") as source:
+        _fold_weight_transposes(source)
         with contextlib.redirect_stdout(quiet):
             if method == "int8":
                 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -86,8 +81,6 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
                 quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
                 entry = {"method": "int4", "ops": "MatMul -> MatMulNBits", "block_size": block_size,
                          "weights": "int4 per block, symmetric"}
-    finally:
-        shutil.rmtree(original, ignore_errors=True)
     model = onnx.load(str(path), load_external_data=False)
     model.ir_version = min(model.ir_version, 10)
     onnx.save_model(model, str(path))
