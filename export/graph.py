@@ -65,13 +65,16 @@ def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
 
 
 def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_states: bool = False,
-          last_logits_only: bool = False) -> None:
+          last_logits_only: bool = False, fused_attention: bool = False) -> None:
     """Export `model` to `path` + `path.data` with dynamic batch / sequence / past dimensions.
 
     The exporter's own save streams each weight from the torch tensors into the data file, so the export
     never holds a second in-memory copy of the weights (a ModelProto would). onnxscript's rewrite rules keep
     a reference to the last graph they matched, and through it to every weight, so callers that go on
-    working should run this in a child process (see trace_in_subprocess)."""
+    working should run this in a child process (see trace_in_subprocess).
+
+    fused_attention (CPU target) traces each layer's attention core as one neodeploy::attention op and lowers it
+    to onnxruntime's GroupQueryAttention (export/attention.py)."""
     if opset not in SUPPORTED_OPSETS:
         raise UsageError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
     spec: ModelSpec = model.spec
@@ -84,6 +87,12 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
         "position_ids": {0: auto, 1: auto},
         "past_key_values": [({0: auto, 1: static, 2: auto, 3: static},) * 2 for _ in range(spec.num_layers)],
     }
+    translations = None
+    if fused_attention:
+        from neodeploy.export.attention import translation_table
+
+        model.use_fused_attention()
+        translations = translation_table()
     # The exporter narrates every stage on stdout and warns about internals; our own progress says enough.
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), _quiet_loggers():
@@ -98,6 +107,7 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
             opset_version=opset,
             optimize=True,
             verbose=False,
+            custom_translation_table=translations,
         )
         program.save(str(path), external_data=True)
     data = path.with_name(path.name + DATA_SUFFIX)
@@ -106,22 +116,22 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
 
 
 def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hidden_states: bool,
-                      last_logits_only: bool) -> None:
+                      last_logits_only: bool, fused_attention: bool) -> None:
     from neodeploy.reference.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, dtype=torch.float16 if precision == "fp16" else torch.float32)
-    trace(model, Path(path), opset, hidden_states, last_logits_only)
+    trace(model, Path(path), opset, hidden_states, last_logits_only, fused_attention)
 
 
 def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
-                        last_logits_only: bool = False) -> None:
+                        last_logits_only: bool = False, fused_attention: bool = False) -> None:
     """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states,
-                    last_logits_only).result()
+                    last_logits_only, fused_attention).result()
 
 
 def convert(path: Path, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:

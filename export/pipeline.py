@@ -119,6 +119,8 @@ def export(
         raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum) or cpu")
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
     cpu = target == "cpu"
+    # onnxruntime's CPU GroupQueryAttention kernel is fp32 only: an fp16 CPU export keeps the plain attention.
+    in_place = cpu and precision == "fp32"
     progress = Progress(6 + bool(quantize) + cpu, echo)
     gate = quantize or precision  # the verification tolerance that applies
     try:
@@ -135,7 +137,8 @@ def export(
             gc.collect()
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
-            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=cpu)
+            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=cpu,
+                                      fused_attention=in_place)
         with progress.stage("convert", "I/O contract, dimension names, IR version"):
             graph.convert(onnx_path, spec, precision)
         with progress.stage("clean", "onnxslim constant folding and dead-node removal"):
@@ -173,6 +176,8 @@ def export(
                 manifest["quantization"] = quant_entry
             if cpu:
                 manifest["onnx"].update(target="cpu", logits="last", fused=fused)
+                if in_place:
+                    manifest["onnx"]["kv_cache"] = "in-place"
             write_manifest(tmp, manifest)
             _publish(tmp, out_dir)
     except BaseException:

@@ -23,6 +23,7 @@ from neodeploy.reference.layers import (
     past_length,
     split_heads,
 )
+from neodeploy.reference.fused import attention_bias, fused_attention
 from neodeploy.reference.spec import ModelSpec
 
 
@@ -35,8 +36,13 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(h, h, bias=False)
         self.q_proj = nn.Linear(h, h, bias=False)
         self.out_proj = nn.Linear(h, h, bias=True)
+        self.fused = False
 
     def forward(self, x: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        if self.fused:  # allowed is the additive bias here (see GPTNeo.forward); GPT-Neo does not scale q·kᵀ
+            out, k, v = fused_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), past[0], past[1], allowed,
+                                        self.num_heads, 1.0)
+            return self.out_proj(out), k, v
         q = split_heads(self.q_proj(x), self.num_heads)
         k = split_heads(self.k_proj(x), self.num_heads)
         v = split_heads(self.v_proj(x), self.num_heads)
@@ -100,6 +106,11 @@ class GPTNeo(nn.Module):
         if self.spec.tied_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
+    def use_fused_attention(self) -> None:
+        """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
+        for block in self.transformer.h:
+            block.attn.attention.fused = True
+
     def forward(
         self,
         input_ids: Tensor,
@@ -120,6 +131,9 @@ class GPTNeo(nn.Module):
         x = t.wte(input_ids) + t.wpe(position_ids)
         global_allowed = allowed_keys(attention_mask, seq, None)
         local_allowed = allowed_keys(attention_mask, seq, self.spec.window_size) if self.spec.window_size else None
+        if t.h[0].attn.attention.fused:
+            global_allowed = attention_bias(global_allowed)
+            local_allowed = attention_bias(local_allowed) if local_allowed is not None else None
         present: KVCache = []
         hidden = [x]
         for i, block in enumerate(t.h):

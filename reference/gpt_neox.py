@@ -22,6 +22,7 @@ from neodeploy.reference.layers import (
     merge_heads,
     past_length,
 )
+from neodeploy.reference.fused import attention_bias, fused_attention
 from neodeploy.reference.spec import ModelSpec
 
 
@@ -56,11 +57,14 @@ class Attention(nn.Module):
         self.scale = spec.head_dim**-0.5
         self.query_key_value = nn.Linear(h, 3 * h, bias=spec.attention_bias)
         self.dense = nn.Linear(h, h, bias=spec.attention_bias)
+        self.fused = False
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         b, s, _ = x.shape
+        if self.fused:
+            return self._fused(x, cos, sin, allowed, past)
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q = apply_rotary(q, cos, sin, self.rotary_dims)
@@ -71,6 +75,18 @@ class Attention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         probs = masked_softmax(scores, allowed).to(v.dtype)
         return self.dense(merge_heads(torch.matmul(probs, v))), k, v
+
+    def _fused(self, x, cos, sin, allowed, past):
+        # [batch, seq, heads, head_dim] throughout, so q, k, v reach the fused op as [batch, seq, hidden]
+        # without a transpose; allowed arrives as the additive bias (see GPTNeoX.forward).
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
+        q = apply_rotary(q, cos, sin, self.rotary_dims).reshape(b, s, -1)
+        k = apply_rotary(k, cos, sin, self.rotary_dims).reshape(b, s, -1)
+        out, k, v = fused_attention(q, k, v.reshape(b, s, -1), past[0], past[1], allowed, self.num_heads, self.scale)
+        return self.dense(out), k, v
 
 
 class MLP(nn.Module):
@@ -124,6 +140,11 @@ class GPTNeoX(nn.Module):
         if self.spec.tied_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
+    def use_fused_attention(self) -> None:
+        """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
+        for layer in self.gpt_neox.layers:
+            layer.attention.fused = True
+
     def forward(
         self,
         input_ids: Tensor,
@@ -142,6 +163,8 @@ class GPTNeoX(nn.Module):
             position_ids = default_position_ids(attention_mask, seq)
         cos, sin = rotary_cos_sin(self.spec, position_ids)
         allowed = allowed_keys(attention_mask, seq, None)
+        if self.gpt_neox.layers[0].attention.fused:
+            allowed = attention_bias(allowed)
         x = self.gpt_neox.embed_in(input_ids)
         present: KVCache = []
         hidden = [x]

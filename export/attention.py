@@ -1,0 +1,57 @@
+"""ONNX translation of neodeploy::attention (reference/fused.py) to com.microsoft.GroupQueryAttention.
+
+onnx ships no schema for onnxruntime's contrib ops and the exporter needs one to build a node, so the subset of
+GroupQueryAttention's signature we use is declared here. GroupQueryAttention gives the CPU target two things the
+portable graph cannot have: one kernel per layer instead of ~25 small ops, and a KV cache updated in place —
+when the caller binds present.N.key to the same buffer as past_key_values.N.key (with room for the new tokens),
+the kernel writes the new keys into it instead of concatenating a new tensor every step. Given a past that holds
+exactly the previous tokens, it concatenates like the portable graph, so plain onnxruntime.run works too.
+
+The cache layout is the portable graph's (left-padded rows, one total length): seqlens_k is total - 1 for every
+row and padding, causality and GPT-Neo's local window all arrive in attention_bias.
+"""
+
+from __future__ import annotations
+
+from onnx import TensorProto, defs, helper
+from onnxscript import opset18 as op
+from onnxscript.values import Op, Opset
+
+_P = defs.OpSchema.FormalParameter
+_OPTIONAL = defs.OpSchema.FormalParameterOption.Optional
+
+
+def _schema() -> defs.OpSchema:
+    inputs = [("query", "T", False), ("key", "T", True), ("value", "T", True), ("past_key", "T", True),
+              ("past_value", "T", True), ("seqlens_k", "M", False), ("total_sequence_length", "M", False),
+              ("cos_cache", "T", True), ("sin_cache", "T", True), ("position_ids", "I", True),
+              ("attention_bias", "T", True)]
+    attributes = [defs.OpSchema.Attribute(name, kind, "") for name, kind in (
+        ("num_heads", defs.OpSchema.AttrType.INT), ("kv_num_heads", defs.OpSchema.AttrType.INT),
+        ("scale", defs.OpSchema.AttrType.FLOAT))]
+    return defs.OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[_P(name, kind, param_option=_OPTIONAL) if optional else _P(name, kind) for name, kind, optional in inputs],
+        outputs=[_P("output", "T"), _P("present_key", "T"), _P("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+        attributes=attributes,
+    )
+
+
+_GQA = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _schema())
+
+
+def _attention(q, k, v, past_k, past_v, bias, num_heads: int, scale: float):
+    # The total length comes from the bias (built from attention_mask), not from past_k: with an in-place
+    # cache past_k is the whole buffer.
+    total = op.Cast(op.Shape(bias, start=3, end=4), to=TensorProto.INT32)
+    one = op.Constant(value=helper.make_tensor("one", TensorProto.INT32, [1], [1]))
+    seqlens_k = op.Expand(op.Sub(total, one), op.Shape(q, start=0, end=1))
+    return _GQA(q, k, v, past_k, past_v, seqlens_k, op.Squeeze(total), None, None, None, bias,
+                num_heads=num_heads, kv_num_heads=num_heads, scale=scale)
+
+
+def translation_table() -> dict:
+    from neodeploy.reference.fused import fused_attention  # importing it registers torch.ops.neodeploy.attention
+
+    return {fused_attention._opoverload: _attention}
