@@ -67,16 +67,17 @@ class Runner:
 class NeodeployRunner(Runner):
     name = "neodeploy"
 
-    def __init__(self, artifact: Path, backend: str | None = None):
+    def __init__(self, artifact: Path, backend: str | None = None, new_tokens: int = 64):
         from neodeploy.runtime import load
 
         self.model = load(artifact, backend=backend)
-        self.backend = self.model.backend
+        self.backend, self.new_tokens = self.model.backend, new_tokens
 
     def prefill(self, ids):
         self.mask = np.ones_like(ids)
         pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
-        logits, self.state = self.backend.prefill(ids, self.mask, pos)
+        # As generate() does: the cache is sized for the prompt and the tokens to come.
+        logits, self.state = self.backend.prefill(ids, self.mask, pos, capacity=ids.shape[1] + self.new_tokens)
         self.token = logits.argmax(-1)[:, None].astype(np.int64)
 
     def step(self):
@@ -243,7 +244,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         before = _rss_mb()
         try:
             if name == "neodeploy":
-                runners[name] = NeodeployRunner(artifact)
+                runners[name] = NeodeployRunner(artifact, new_tokens=new_tokens)
             elif not checkpoint.is_dir():
                 raise FileNotFoundError(f"checkpoint {checkpoint} not found (pass --checkpoint)")
             elif name == "reference":

@@ -80,7 +80,8 @@ def _reference_step_logits(reference, ids: list[int], tokens: list[int]) -> np.n
 
 def _runtime_step_logits(model: Model, ids: list[int], tokens: list[int]) -> np.ndarray:
     mask = np.ones((1, len(ids)), np.int64)
-    logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask))
+    logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask),
+                                          capacity=len(ids) + len(tokens))
     out = [logits[0]]
     for token in tokens[:-1]:
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
@@ -92,7 +93,7 @@ def _runtime_step_logits(model: Model, ids: list[int], tokens: list[int]) -> np.
 def _runtime_greedy(model: Model, ids: list[int], n: int) -> list[int]:
     """Free-running greedy through the backend, n tokens, no stop on eos (the reference's loop does the same)."""
     mask = np.ones((1, len(ids)), np.int64)
-    logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask))
+    logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask), capacity=len(ids) + n)
     out = [int(logits[0].argmax())]
     while len(out) < n:
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)

@@ -28,7 +28,8 @@ def _schema() -> defs.OpSchema:
               ("attention_bias", "T", True)]
     attributes = [defs.OpSchema.Attribute(name, kind, "") for name, kind in (
         ("num_heads", defs.OpSchema.AttrType.INT), ("kv_num_heads", defs.OpSchema.AttrType.INT),
-        ("scale", defs.OpSchema.AttrType.FLOAT))]
+        ("scale", defs.OpSchema.AttrType.FLOAT), ("do_rotary", defs.OpSchema.AttrType.INT),
+        ("rotary_interleaved", defs.OpSchema.AttrType.INT))]
     return defs.OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[_P(name, kind, param_option=_OPTIONAL) if optional else _P(name, kind) for name, kind, optional in inputs],
@@ -41,14 +42,16 @@ def _schema() -> defs.OpSchema:
 _GQA = Op(Opset("com.microsoft", 1), "GroupQueryAttention", _schema())
 
 
-def _attention(q, k, v, past_k, past_v, bias, num_heads: int, scale: float):
+def _attention(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads: int, scale: float):
     # The total length comes from the bias (built from attention_mask), not from past_k: with an in-place
     # cache past_k is the whole buffer.
     total = op.Cast(op.Shape(bias, start=3, end=4), to=TensorProto.INT32)
     one = op.Constant(value=helper.make_tensor("one", TensorProto.INT32, [1], [1]))
     seqlens_k = op.Expand(op.Sub(total, one), op.Shape(q, start=0, end=1))
-    return _GQA(q, k, v, past_k, past_v, seqlens_k, op.Squeeze(total), None, None, None, bias,
-                num_heads=num_heads, kv_num_heads=num_heads, scale=scale)
+    # Rotary inside the kernel rotates at the cache index (seqlens_k based), as the fused op's reference does.
+    return _GQA(q, k, v, past_k, past_v, seqlens_k, op.Squeeze(total), cos_cache, sin_cache, None, bias,
+                num_heads=num_heads, kv_num_heads=num_heads, scale=scale, do_rotary=int(cos_cache is not None),
+                rotary_interleaved=0)
 
 
 def translation_table() -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from neodeploy.export.graph import set_aside
+from neodeploy.export.graph import list_inputs, restore_inputs, set_aside
 
 FUSED = ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "Attention", "MultiHeadAttention",
          "GroupQueryAttention", "RotaryEmbedding")
@@ -22,6 +22,7 @@ def fuse(path: Path, spec) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    contract = list_inputs(onnx.load(str(path), load_external_data=False))
     with set_aside(path, ".unfused") as source, contextlib.redirect_stdout(io.StringIO()):
         # GPT-NeoX maps to onnxruntime's BERT fusions and GPT-Neo to GPT-2's; the patterns they match here are
         # the same (SkipLayerNorm, BiasGelu), attention is not fused by either.
@@ -39,6 +40,7 @@ def fuse(path: Path, spec) -> dict:
         written[0].rename(data)
         onnx.save_model(model, str(path))
     model = onnx.load(str(path), load_external_data=False)
+    restore_inputs(model, contract)
     model.ir_version = min(model.ir_version, 10)
     onnx.save_model(model, str(path))
     counts = Counter(n.op_type for n in model.graph.node)

@@ -65,7 +65,7 @@ def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
 
 
 def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_states: bool = False,
-          last_logits_only: bool = False, fused_attention: bool = False) -> None:
+          last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
     """Export `model` to `path` + `path.data` with dynamic batch / sequence / past dimensions.
 
     The exporter's own save streams each weight from the torch tensors into the data file, so the export
@@ -91,7 +91,7 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
     if fused_attention:
         from neodeploy.export.attention import translation_table
 
-        model.use_fused_attention()
+        model.use_fused_attention(max_context or spec.max_positions)
         translations = translation_table()
     # The exporter narrates every stage on stdout and warns about internals; our own progress says enough.
     quiet = io.StringIO()
@@ -116,22 +116,22 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
 
 
 def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hidden_states: bool,
-                      last_logits_only: bool, fused_attention: bool) -> None:
+                      last_logits_only: bool, fused_attention: bool, max_context: int | None) -> None:
     from neodeploy.reference.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, dtype=torch.float16 if precision == "fp16" else torch.float32)
-    trace(model, Path(path), opset, hidden_states, last_logits_only, fused_attention)
+    trace(model, Path(path), opset, hidden_states, last_logits_only, fused_attention, max_context)
 
 
 def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
-                        last_logits_only: bool = False, fused_attention: bool = False) -> None:
+                        last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
     """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states,
-                    last_logits_only, fused_attention).result()
+                    last_logits_only, fused_attention, max_context).result()
 
 
 def convert(path: Path, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:
@@ -230,6 +230,7 @@ def clean(path: Path) -> tuple[int, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     before = len(model.graph.node)
+    contract = list_inputs(model)
     held = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     held_names = {t.name for t in held}
     inline = [t for t in model.graph.initializer if t.name not in held_names]
@@ -238,15 +239,24 @@ def clean(path: Path) -> tuple[int, int]:
     model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in held)
     with contextlib.redirect_stdout(io.StringIO()):
         slimmed = onnxslim.slim(model)
-    inputs = [i for i in slimmed.graph.input if i.name not in held_names]
-    del slimmed.graph.input[:]
-    slimmed.graph.input.extend(inputs)
+    restore_inputs(slimmed, contract)
     used = {name for node in slimmed.graph.node for name in node.input}
     slimmed.graph.initializer.extend(t for t in held if t.name in used)
     _check_portable(slimmed)
     slimmed.ir_version = IR_VERSION
     onnx.save_model(slimmed, str(path))
     return before, len(slimmed.graph.node)
+
+
+def list_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    return [onnx.ValueInfoProto.FromString(i.SerializeToString()) for i in model.graph.input]
+
+
+def restore_inputs(model: onnx.ModelProto, contract: list[onnx.ValueInfoProto]) -> None:
+    """Graph tools drop inputs no node reads (the CPU GPT-NeoX graph rotates by cache index and never reads
+    position_ids); the I/O contract keeps them, so every runtime feeds every graph the same way."""
+    del model.graph.input[:]
+    model.graph.input.extend(contract)
 
 
 def _check_portable(model: onnx.ModelProto) -> None:

@@ -138,7 +138,7 @@ def export(
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
             graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=cpu,
-                                      fused_attention=in_place)
+                                      fused_attention=in_place, max_context=max_context)
         with progress.stage("convert", "I/O contract, dimension names, IR version"):
             graph.convert(onnx_path, spec, precision)
         with progress.stage("clean", "onnxslim constant folding and dead-node removal"):

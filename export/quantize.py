@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from neodeploy.errors import UsageError
-from neodeploy.export.graph import set_aside
+from neodeploy.export.graph import list_inputs, restore_inputs, set_aside
 
 METHODS = ("int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
@@ -61,6 +61,7 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
     if method == "int4" and block_size not in BLOCK_SIZES:
         raise UsageError(f"--block-size {block_size} is not supported; choose 32, 64 or 128")
     quiet = io.StringIO()
+    contract = list_inputs(onnx.load(str(path), load_external_data=False))
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     with set_aside(path, ".fp32") as source:
         _fold_weight_transposes(source)
@@ -70,7 +71,10 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
 
                 quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                                  per_channel=True, use_external_data_format=True,
-                                 extra_options={"MatMulConstBOnly": True})
+                                 # GroupQueryAttention has no onnx schema, so shape inference leaves the
+                                 # tensors after it untyped: they are fp32.
+                                 extra_options={"MatMulConstBOnly": True,
+                                                "DefaultTensorType": onnx.TensorProto.FLOAT})
                 entry = {"method": "int8", "ops": "MatMul -> DynamicQuantizeLinear + MatMulInteger",
                          "weights": "int8 per output channel, symmetric"}
             else:
@@ -82,6 +86,7 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
                 entry = {"method": "int4", "ops": "MatMul -> MatMulNBits", "block_size": block_size,
                          "weights": "int4 per block, symmetric"}
     model = onnx.load(str(path), load_external_data=False)
+    restore_inputs(model, contract)
     model.ir_version = min(model.ir_version, 10)
     onnx.save_model(model, str(path))
     entry["quantized_matmuls"] = sum(n.op_type in ("MatMulInteger", "MatMulNBits") for n in model.graph.node)

@@ -14,24 +14,44 @@ from torch import Tensor
 
 @torch.library.custom_op("neodeploy::attention", mutates_args=())
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, bias: Tensor,
-                    num_heads: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                    cos_cache: Tensor | None, sin_cache: Tensor | None, num_heads: int,
+                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v [batch, seq, heads * head_dim]; past [batch, heads, past, head_dim]; bias [batch, 1, seq, past + seq]
-    (0 where a key is visible, fp32 min elsewhere). Returns (output [batch, seq, hidden], present key, value)."""
+    (0 where a key is visible, fp32 min elsewhere). Returns (output [batch, seq, hidden], present key, value).
+
+    With cos_cache / sin_cache [positions, rotary_dims / 2], q and k are first rotated (rotate_half, on the first
+    rotary_dims of each head) at their cache index past + i, as GroupQueryAttention does. For a left-padded row
+    that index is the real position plus the row's padding: every query and key of the row moves by the same
+    offset, and rotary attention depends only on the distance between them, so the result is the same."""
     b, s, h = q.shape
     d = h // num_heads
+    past = past_k.shape[2]
 
     def heads(x: Tensor) -> Tensor:
         return x.view(b, s, num_heads, d).transpose(1, 2)
 
-    keys = torch.cat([past_k, heads(k)], dim=2)
+    q, k = heads(q), heads(k)
+    if cos_cache is not None:
+        cos = torch.cat([cos_cache[past : past + s]] * 2, dim=-1).to(q.dtype)
+        sin = torch.cat([sin_cache[past : past + s]] * 2, dim=-1).to(q.dtype)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    keys = torch.cat([past_k, k], dim=2)
     values = torch.cat([past_v, heads(v)], dim=2)
-    scores = torch.matmul(heads(q).float(), keys.float().transpose(-1, -2)) * scale + bias
+    scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + bias
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).transpose(1, 2).reshape(b, s, h), keys, values
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    dims = cos.shape[-1]
+    rot, keep = x[..., :dims], x[..., dims:]
+    half = dims // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, keep], dim=-1)
+
+
 @fused_attention.register_fake
-def _(q, k, v, past_k, past_v, bias, num_heads, scale):
+def _(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads, scale):
     b, s, _ = q.shape
     present = (b, past_k.shape[1], past_k.shape[2] + s, past_k.shape[3])
     return q.new_empty(q.shape), past_k.new_empty(present), past_v.new_empty(present)

@@ -41,7 +41,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.fused:  # allowed is the additive bias here (see GPTNeo.forward); GPT-Neo does not scale q·kᵀ
             out, k, v = fused_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), past[0], past[1], allowed,
-                                        self.num_heads, 1.0)
+                                        None, None, self.num_heads, 1.0)
             return self.out_proj(out), k, v
         q = split_heads(self.q_proj(x), self.num_heads)
         k = split_heads(self.k_proj(x), self.num_heads)
@@ -106,7 +106,7 @@ class GPTNeo(nn.Module):
         if self.spec.tied_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def use_fused_attention(self) -> None:
+    def use_fused_attention(self, max_context: int) -> None:
         """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
         for block in self.transformer.h:
             block.attn.attention.fused = True

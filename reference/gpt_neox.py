@@ -58,6 +58,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(h, 3 * h, bias=spec.attention_bias)
         self.dense = nn.Linear(h, h, bias=spec.attention_bias)
         self.fused = False
+        self.cos_cache = self.sin_cache = None
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None
@@ -77,15 +78,17 @@ class Attention(nn.Module):
         return self.dense(merge_heads(torch.matmul(probs, v))), k, v
 
     def _fused(self, x, cos, sin, allowed, past):
-        # [batch, seq, heads, head_dim] throughout, so q, k, v reach the fused op as [batch, seq, hidden]
-        # without a transpose; allowed arrives as the additive bias (see GPTNeoX.forward).
+        # [batch, seq, heads, head_dim] throughout, so q, k, v reach the fused op as [batch, seq, hidden] without
+        # a transpose; allowed arrives as the additive bias. With cos / sin tables (use_fused_attention) rotary
+        # happens inside the op, otherwise here at position_ids.
         b, s, _ = x.shape
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
-        q = apply_rotary(q, cos, sin, self.rotary_dims).reshape(b, s, -1)
-        k = apply_rotary(k, cos, sin, self.rotary_dims).reshape(b, s, -1)
-        out, k, v = fused_attention(q, k, v.reshape(b, s, -1), past[0], past[1], allowed, self.num_heads, self.scale)
+        if self.cos_cache is None:
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin, self.rotary_dims), apply_rotary(k, cos, sin, self.rotary_dims)
+        out, k, v = fused_attention(q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1), past[0], past[1],
+                                    allowed, self.cos_cache, self.sin_cache, self.num_heads, self.scale)
         return self.dense(out), k, v
 
 
@@ -140,10 +143,20 @@ class GPTNeoX(nn.Module):
         if self.spec.tied_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
-    def use_fused_attention(self) -> None:
-        """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
+    def use_fused_attention(self, max_context: int) -> None:
+        """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache.
+        Rotary moves into the op, with cos / sin tables for every position computed as rotary_cos_sin does, where
+        onnxruntime's kernel takes the table width (rotary_dims / 2 a multiple of 8: Pythia 70m..12b, not 14m or
+        gpt-neox-20b, which keep rotary in the graph)."""
+        half = self.spec.rotary_dims // 2
+        tables = (None, None)
+        if half % 8 == 0:
+            positions = torch.arange(max(max_context, self.spec.max_positions)).unsqueeze(0)
+            cos, sin = rotary_cos_sin(self.spec, positions)
+            tables = (cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous())
         for layer in self.gpt_neox.layers:
             layer.attention.fused = True
+            layer.attention.cos_cache, layer.attention.sin_cache = tables
 
     def forward(
         self,

@@ -19,8 +19,10 @@ from neodeploy.errors import UsageError
 class Backend(Protocol):
     name: str
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Run the prompt; returns (logits [batch, vocab] at the last position, cache state)."""
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                capacity: int | None = None) -> tuple[np.ndarray, Any]:
+        """Run the prompt; returns (logits [batch, vocab] at the last position, cache state). capacity: the total
+        length (prompt + new tokens) the caller expects, so a backend can size its cache once."""
 
     def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         """One step (seq 1) on top of `state`; returns (logits [batch, vocab], new state)."""
@@ -29,13 +31,40 @@ class Backend(Protocol):
         """Logits at every position [batch, seq, vocab] (perplexity, validation)."""
 
 
+class InPlaceCache:
+    """One preallocated [batch, heads, capacity, head_dim] buffer per past input, bound as both the past input
+    and the present output, so GroupQueryAttention (CPU target) writes each step's keys into it and decode
+    allocates no cache at all. Grows (one copy) if a caller goes past the capacity it asked for."""
+
+    def __init__(self, ort, count: int, shape: tuple[int, int, int, int], dtype):
+        self.arrays = [np.zeros(shape, dtype=dtype) for _ in range(count)]
+        # Wrapping a host array shares its memory: the kernel's writes land in self.arrays.
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+        self._ort = ort
+
+    @property
+    def capacity(self) -> int:
+        return self.arrays[0].shape[2]
+
+    def ensure(self, total: int) -> None:
+        if total <= self.capacity:
+            return
+        old = self.arrays
+        b, h, cap, d = old[0].shape
+        self.arrays = [np.zeros((b, h, max(total, 2 * cap), d), dtype=a.dtype) for a in old]
+        for new, a in zip(self.arrays, old):
+            new[:, :, :cap] = a
+        self.values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+
+
 class OrtBackend:
-    """ONNX Runtime with IO binding: each step's present OrtValues are bound as the next step's past."""
+    """ONNX Runtime with IO binding: each step's present OrtValues are bound as the next step's past; with an
+    in-place artifact (CPU target) on CPU, past and present are the same preallocated buffers (InPlaceCache)."""
 
     name = "onnxruntime"
 
     def __init__(self, model_path: Path, num_layers: int, num_heads: int, head_dim: int, kv_dtype: np.dtype,
-                 providers: list[str] | None = None, threads: int | None = None):
+                 providers: list[str] | None = None, threads: int | None = None, in_place: bool = False):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -61,6 +90,7 @@ class OrtBackend:
         self.num_layers, self.num_heads, self.head_dim, self.kv_dtype = num_layers, num_heads, head_dim, kv_dtype
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
+        self.in_place = in_place and self.device == "cpu"
         self._ort = ort
 
     def _empty_cache(self, batch: int) -> list[Any]:
@@ -68,24 +98,36 @@ class OrtBackend:
         empty = np.zeros(shape, dtype=self.kv_dtype)
         return [self._ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0) for _ in self.past_names]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any], all_positions: bool = False) -> tuple[np.ndarray, list[Any]]:
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | InPlaceCache,
+             all_positions: bool = False) -> tuple[np.ndarray, list[Any] | InPlaceCache]:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
-        for name, value in zip(self.past_names, past):
+        shared = isinstance(past, InPlaceCache)
+        if shared:
+            past.ensure(mask.shape[1])
+        for name, value in zip(self.past_names, past.values if shared else past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")  # host: the sampler needs it there
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for i, name in enumerate(self.present_names):
+            if shared:
+                binding.bind_ortvalue_output(name, past.values[i])
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()
         if not all_positions:
             logits = logits[:, -1, :]
-        return np.ascontiguousarray(logits, dtype=np.float32), outputs[1:]
+        return np.ascontiguousarray(logits, dtype=np.float32), past if shared else outputs[1:]
 
-    def prefill(self, input_ids, attention_mask, position_ids):
+    def prefill(self, input_ids, attention_mask, position_ids, capacity=None):
+        if self.in_place:
+            batch, seq = input_ids.shape
+            shape = (batch, self.num_heads, max(capacity or 0, seq + 1), self.head_dim)
+            cache = InPlaceCache(self._ort, len(self.past_names), shape, self.kv_dtype)
+            return self._run(input_ids, attention_mask, position_ids, cache)
         return self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]))
 
     def decode(self, input_ids, attention_mask, position_ids, state):
@@ -108,7 +150,7 @@ def create_backend(name: str | None, artifact: Path, manifest: dict, providers: 
     name = name or "onnxruntime"
     if name in ("onnxruntime", "ort"):
         return OrtBackend(artifact / manifest["onnx"]["file"], spec["num_layers"], spec["num_heads"], head_dim,
-                          kv_dtype, providers)
+                          kv_dtype, providers, in_place=manifest["onnx"].get("kv_cache") == "in-place")
     if name in ("tensorrt", "trt"):
         from neodeploy.runtime.trt_backend import TensorRTBackend
 

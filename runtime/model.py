@@ -169,7 +169,7 @@ class Model:
         # this generator when they stop early, which releases the lock.
         lock = self.backend.lock if getattr(self.backend, "exclusive", False) else contextlib.nullcontext()
         with lock:
-            logits, state = self.backend.prefill(ids, mask, position_ids(mask))
+            logits, state = self.backend.prefill(ids, mask, position_ids(mask), capacity=width + params.max_new_tokens)
             for step in range(params.max_new_tokens):
                 tokens = next_tokens(logits, history, params, rng)
                 for row, token in enumerate(tokens):

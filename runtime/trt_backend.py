@@ -155,7 +155,7 @@ class TensorRTBackend:
         self.stream.synchronize()
         return host[: batch * self.vocab].reshape(batch, self.vocab).copy()
 
-    def prefill(self, input_ids, attention_mask, position_ids):
+    def prefill(self, input_ids, attention_mask, position_ids, capacity=None):  # buffers are sized by the profile
         logits = self._run(0, input_ids, attention_mask, position_ids, 0, 0, False)
         return logits, (1, input_ids.shape[1])  # present went to set 1
 
