@@ -119,7 +119,7 @@ class ScriptedBackend:
         logits[:, self.script[min(step, len(self.script) - 1)]] = 10.0
         return logits
 
-    def prefill(self, ids, mask, pos):
+    def prefill(self, ids, mask, pos, capacity=None):
         return self._logits(len(ids), 0), 1
 
     def decode(self, ids, mask, pos, step):

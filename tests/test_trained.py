@@ -110,6 +110,7 @@ def test_cpu_target_fuses_and_passes_validate(trained, tmp_path, family, quantiz
     manifest = json.loads((art / "neodeploy.json").read_text())
     assert manifest["onnx"]["target"] == "cpu" and manifest["onnx"]["logits"] == "last"
     assert manifest["onnx"]["fused"].get("SkipLayerNormalization", 0) >= 1
+    assert manifest["onnx"]["fused"]["GroupQueryAttention"] == 2 and manifest["onnx"]["kv_cache"] == "in-place"
     assert manifest["onnx"]["fused"].get("BiasGelu", 0) + manifest["onnx"]["fused"].get("FastGelu", 0) >= 2
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1  # the lm_head runs on the last position only
