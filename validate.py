@@ -141,11 +141,13 @@ def validate(model: Model, checkpoint: str | Path, prompts: list[str] | None = N
         abs_err = np.abs(run_logits - ref_logits).max(-1)
         rel_err = abs_err / np.abs(ref_logits).max(-1)
         top1 = run_logits.argmax(-1) == ref_logits.argmax(-1)
+        ranked = np.sort(ref_logits, axis=-1)
+        margin = ranked[:, -1] - ranked[:, -2]  # how clearly the reference prefers its token
         prefix = next((i for i, (a, b) in enumerate(zip(ours, ref_tokens)) if a != b), min(len(ours), len(ref_tokens)))
         reports.append(PromptReport(
             prompt, len(ids),
-            [{"step": i, "max_abs_error": float(a), "rel_error": float(r), "top1": bool(t)}
-             for i, (a, r, t) in enumerate(zip(abs_err, rel_err, top1))],
+            [{"step": i, "max_abs_error": float(a), "rel_error": float(r), "top1": bool(t),
+              "reference_margin": float(m)} for i, (a, r, t, m) in enumerate(zip(abs_err, rel_err, top1, margin))],
             float(abs_err.max()), float(rel_err.max()), float(top1.mean()), prefix, len(ref_tokens),
         ))
     ppl = _perplexities(model, reference)
@@ -255,6 +257,12 @@ def table(report: Report) -> str:
         label = label if len(label) <= 24 else label[:21] + "..."
         lines.append(f"{label:<24} {r.prompt_tokens:>6} {len(r.steps):>5} {r.max_abs_error:>12.3e} "
                      f"{r.max_rel_error:>9.2e} {r.top1_agreement:>7.1%} {f'{r.greedy_prefix}/{r.greedy_total}':>14}")
+    misses = [s for r in report.prompts for s in r.steps if not s["top1"]]
+    if misses:  # a flip where the reference itself barely prefers its token is a tie, not a broken model
+        total = sum(len(r.steps) for r in report.prompts)
+        lines.append(f"top-1 disagreements: {len(misses)} of {total} steps, at reference top-2 margins up to "
+                     f"{max(s['reference_margin'] for s in misses):.3g} (max |Δlogit| there "
+                     f"{max(s['max_abs_error'] for s in misses):.3g})")
     p = report.perplexity
     lines.append(f"perplexity over {p['tokens']} tokens: reference {p['reference']:.4f}, runtime {p['runtime']:.4f}, "
                  f"ratio {p['ratio']:.6f}")

@@ -89,6 +89,11 @@ def test_quantized_exports_pass_their_accuracy_gates(trained, tmp_path, method):
     assert report.passed, report.failures
     agreement = np.mean([s["top1"] for r in report.prompts for s in r.steps])
     assert agreement >= (0.9 if method == "int8" else 0.8)
+    # A flip needs the two logits to move by the reference's margin between them together: each miss's margin is
+    # at most twice that step's largest logit error (proves the reported margins are the reference's top-2 gap).
+    steps = [s for r in report.prompts for s in r.steps]
+    assert all(s["reference_margin"] >= 0 for s in steps)
+    assert all(s["reference_margin"] <= 2 * s["max_abs_error"] for s in steps if not s["top1"])
 
 
 def test_quantize_requests_are_checked(trained, tmp_path):
