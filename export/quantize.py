@@ -80,11 +80,16 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
             else:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-                quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=True)
+                # accuracy_level 4: the kernel quantises each activation block to int8 and multiplies in int8
+                # (measured on pythia-160m: decode 5.9 vs 8.0 ms/token, batch 8 17.5 vs 33.9, same top-1 on the
+                # trained fixture as fp32 activations).
+                quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=True,
+                                                 accuracy_level=4)
                 quantizer.process()
                 quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
                 entry = {"method": "int4", "ops": "MatMul -> MatMulNBits", "block_size": block_size,
-                         "weights": "int4 per block, symmetric"}
+                         "weights": "int4 per block, symmetric", "accuracy_level": 4,
+                         "activations": "int8 per block inside the kernel"}
     model = onnx.load(str(path), load_external_data=False)
     restore_inputs(model, contract)
     model.ir_version = min(model.ir_version, 10)

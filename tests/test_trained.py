@@ -78,8 +78,11 @@ def test_quantized_exports_pass_their_accuracy_gates(trained, tmp_path, method):
     art = export(ckpt, tmp_path / method, quantize=method, echo=lambda s: None)
     manifest = json.loads((art / "neodeploy.json").read_text())
     assert manifest["precision"] == method and manifest["quantization"]["quantized_matmuls"] == 2 * 4 + 1
-    ops = {n.op_type for n in onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node}
+    nodes = onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
     assert ("MatMulInteger" if method == "int8" else "MatMulNBits") in ops
+    if method == "int4":  # int8 compute inside MatMulNBits (the fast CPU path)
+        assert {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"} == {4}
     # The input embedding is a Gather and stays fp32; every quantised MatMul weight shrinks 4x (int8) / ~6x (int4).
     fp32_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     embedding = manifest["spec"]["vocab_size"] * manifest["spec"]["hidden_size"] * 4
