@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from neodeploy.reference.layers import apply_rotary, merge_heads, split_heads
+
 
 @torch.library.custom_op("neodeploy::attention", mutates_args=())
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, bias: Tensor,
@@ -23,31 +25,17 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Ten
     rotary_dims of each head) at their cache index past + i, as GroupQueryAttention does. For a left-padded row
     that index is the real position plus the row's padding: every query and key of the row moves by the same
     offset, and rotary attention depends only on the distance between them, so the result is the same."""
-    b, s, h = q.shape
-    d = h // num_heads
-    past = past_k.shape[2]
-
-    def heads(x: Tensor) -> Tensor:
-        return x.view(b, s, num_heads, d).transpose(1, 2)
-
-    q, k = heads(q), heads(k)
+    s, past = q.shape[1], past_k.shape[2]
+    q, k = split_heads(q, num_heads), split_heads(k, num_heads)
     if cos_cache is not None:
-        cos = torch.cat([cos_cache[past : past + s]] * 2, dim=-1).to(q.dtype)
-        sin = torch.cat([sin_cache[past : past + s]] * 2, dim=-1).to(q.dtype)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        cos = torch.cat([cos_cache[past : past + s]] * 2, dim=-1)
+        sin = torch.cat([sin_cache[past : past + s]] * 2, dim=-1)
+        q, k = apply_rotary(q, cos, sin, cos.shape[-1]), apply_rotary(k, cos, sin, cos.shape[-1])
     keys = torch.cat([past_k, k], dim=2)
-    values = torch.cat([past_v, heads(v)], dim=2)
+    values = torch.cat([past_v, split_heads(v, num_heads)], dim=2)
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale + bias
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).transpose(1, 2).reshape(b, s, h), keys, values
-
-
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    dims = cos.shape[-1]
-    rot, keep = x[..., :dims], x[..., dims:]
-    half = dims // 2
-    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    return torch.cat([rot * cos + rotated * sin, keep], dim=-1)
+    return merge_heads(torch.matmul(probs, values)), keys, values
 
 
 @fused_attention.register_fake

@@ -100,6 +100,7 @@ class GPTNeo(nn.Module):
         self.spec = spec
         self.transformer = Transformer(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.fused = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -108,6 +109,7 @@ class GPTNeo(nn.Module):
 
     def use_fused_attention(self, max_context: int) -> None:
         """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
+        self.fused = True
         for block in self.transformer.h:
             block.attn.attention.fused = True
 
@@ -131,7 +133,7 @@ class GPTNeo(nn.Module):
         x = t.wte(input_ids) + t.wpe(position_ids)
         global_allowed = allowed_keys(attention_mask, seq, None)
         local_allowed = allowed_keys(attention_mask, seq, self.spec.window_size) if self.spec.window_size else None
-        if t.h[0].attn.attention.fused:
+        if self.fused:
             global_allowed = attention_bias(global_allowed)
             local_allowed = attention_bias(local_allowed) if local_allowed is not None else None
         present: KVCache = []

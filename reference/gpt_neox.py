@@ -16,6 +16,7 @@ from neodeploy.reference.layers import (
     KVCache,
     LayerNorm,
     allowed_keys,
+    apply_rotary,
     default_attention_mask,
     default_position_ids,
     masked_softmax,
@@ -36,17 +37,6 @@ def rotary_cos_sin(spec: ModelSpec, position_ids: Tensor) -> tuple[Tensor, Tenso
     freqs = position_ids.float().unsqueeze(-1) * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, dims: int) -> Tensor:
-    rot, keep = x[..., :dims], x[..., dims:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([rot * cos + rotate_half(rot) * sin, keep], dim=-1)
 
 
 class Attention(nn.Module):
@@ -137,6 +127,7 @@ class GPTNeoX(nn.Module):
         self.spec = spec
         self.gpt_neox = Body(spec)
         self.embed_out = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.fused = False
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -154,6 +145,7 @@ class GPTNeoX(nn.Module):
             positions = torch.arange(max(max_context, self.spec.max_positions)).unsqueeze(0)
             cos, sin = rotary_cos_sin(self.spec, positions)
             tables = (cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous())
+        self.fused = True
         for layer in self.gpt_neox.layers:
             layer.attention.fused = True
             layer.attention.cos_cache, layer.attention.sin_cache = tables
@@ -176,7 +168,7 @@ class GPTNeoX(nn.Module):
             position_ids = default_position_ids(attention_mask, seq)
         cos, sin = rotary_cos_sin(self.spec, position_ids)
         allowed = allowed_keys(attention_mask, seq, None)
-        if self.gpt_neox.layers[0].attention.fused:
+        if self.fused:
             allowed = attention_bias(allowed)
         x = self.gpt_neox.embed_in(input_ids)
         present: KVCache = []

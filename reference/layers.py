@@ -72,6 +72,17 @@ def masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
     return torch.softmax(scores, dim=-1)
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, dims: int) -> Tensor:
+    rot, keep = x[..., :dims], x[..., dims:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([rot * cos + rotate_half(rot) * sin, keep], dim=-1)
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     b, s, h = x.shape
     return x.view(b, s, heads, h // heads).transpose(1, 2)
