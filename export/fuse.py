@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections import Counter
 from pathlib import Path
 
 import onnx
 
-from neodeploy.export.graph import list_inputs, restore_inputs, set_aside
+from neodeploy.export.graph import DATA_SUFFIX, finish_rewrite, list_inputs, op_counts, set_aside
 
 FUSED = ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "Attention", "MultiHeadAttention",
          "GroupQueryAttention", "RotaryEmbedding")
@@ -30,18 +29,10 @@ def fuse(path: Path, spec) -> dict:
                                    num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=0)
         optimized.save_model_to_file(str(path), use_external_data_format=True, all_tensors_to_one_file=True)
     written = [p for p in path.parent.iterdir() if p.name.startswith(path.name) and p.name != path.name]
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(path.name + DATA_SUFFIX)
+    relocated = None
     if not data.exists() and len(written) == 1:  # the optimizer names its data file itself: normalise it
-        model = onnx.load(str(path), load_external_data=False)
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data.name
         written[0].rename(data)
-        onnx.save_model(model, str(path))
-    model = onnx.load(str(path), load_external_data=False)
-    restore_inputs(model, contract)
-    model.ir_version = min(model.ir_version, 10)
-    onnx.save_model(model, str(path))
-    counts = Counter(n.op_type for n in model.graph.node)
+        relocated = data.name
+    counts = op_counts(finish_rewrite(path, contract, relocated))
     return {op: counts[op] for op in FUSED if counts[op]}

@@ -259,6 +259,21 @@ def restore_inputs(model: onnx.ModelProto, contract: list[onnx.ValueInfoProto]) 
     model.graph.input.extend(contract)
 
 
+def finish_rewrite(path: Path, contract: list[onnx.ValueInfoProto], data_location: str | None = None) -> onnx.ModelProto:
+    """After a tool rewrote model.onnx in place: the contract's inputs back, our IR version, and (when the tool
+    named its weight file itself) the weights pointed at data_location. Returns the graph, without weights."""
+    model = onnx.load(str(path), load_external_data=False)
+    restore_inputs(model, contract)
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    if data_location is not None:
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_location
+    onnx.save_model(model, str(path))
+    return model
+
+
 def _check_portable(model: onnx.ModelProto) -> None:
     bad = {"If", "Loop", "Scan"} & set(op_counts(model))
     if bad:

@@ -14,15 +14,16 @@ from pathlib import Path
 import onnx
 
 from neodeploy.errors import UsageError
-from neodeploy.export.graph import list_inputs, restore_inputs, set_aside
+from neodeploy.export.graph import DATA_SUFFIX, finish_rewrite, list_inputs, set_aside
 
 METHODS = ("int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 
 
-def _fold_weight_transposes(path: Path) -> int:
+def _fold_weight_transposes(path: Path) -> onnx.ModelProto:
     """A tied lm_head reaches its MatMul through Transpose(embedding): the quantiser only takes constant weights,
-    so give that MatMul its own pre-transposed initializer (the embedding itself stays for the Gather)."""
+    so give that MatMul its own pre-transposed initializer (the embedding itself stays for the Gather).
+    Returns the model as written, weights loaded."""
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
@@ -47,11 +48,12 @@ def _fold_weight_transposes(path: Path) -> int:
     if folded:
         for node in folded:
             model.graph.node.remove(node)
-        data = path.with_name(path.name + ".data")
+        data = path.with_name(path.name + DATA_SUFFIX)
         data.unlink()
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
-    return len(folded)
+        model = onnx.load(str(path))  # saving moved the weights out of this proto into the data file
+    return model
 
 
 def quantize(path: Path, method: str, block_size: int = 32) -> dict:
@@ -64,7 +66,7 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
     contract = list_inputs(onnx.load(str(path), load_external_data=False))
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     with set_aside(path, ".fp32") as source:
-        _fold_weight_transposes(source)
+        folded = _fold_weight_transposes(source)
         with contextlib.redirect_stdout(quiet):
             if method == "int8":
                 from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -83,16 +85,13 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
                 # accuracy_level 4: the kernel quantises each activation block to int8 and multiplies in int8
                 # (measured on pythia-160m: decode 5.9 vs 8.0 ms/token, batch 8 17.5 vs 33.9, same top-1 on the
                 # trained fixture as fp32 activations).
-                quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=True,
+                quantizer = MatMulNBitsQuantizer(folded, block_size=block_size, is_symmetric=True,
                                                  accuracy_level=4)
                 quantizer.process()
                 quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
                 entry = {"method": "int4", "ops": "MatMul -> MatMulNBits", "block_size": block_size,
                          "weights": "int4 per block, symmetric", "accuracy_level": 4,
                          "activations": "int8 per block inside the kernel"}
-    model = onnx.load(str(path), load_external_data=False)
-    restore_inputs(model, contract)
-    model.ir_version = min(model.ir_version, 10)
-    onnx.save_model(model, str(path))
+    model = finish_rewrite(path, contract)
     entry["quantized_matmuls"] = sum(n.op_type in ("MatMulInteger", "MatMulNBits") for n in model.graph.node)
     return entry
