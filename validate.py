@@ -65,19 +65,6 @@ class Report:
         return not self.failures
 
 
-def _reference_step_logits(reference, ids: list[int], tokens: list[int]) -> np.ndarray:
-    """The reference's last-position logits after the prompt and after each of `tokens` (teacher-forced)."""
-    import torch
-
-    with torch.inference_mode():
-        logits, past = reference(torch.tensor([ids]))
-        out = [logits[0, -1].numpy()]
-        for token in tokens[:-1]:
-            logits, past = reference(torch.tensor([[token]]), past_key_values=past)
-            out.append(logits[0, -1].numpy())
-    return np.stack(out)
-
-
 def _runtime_step_logits(model: Model, ids: list[int], tokens: list[int]) -> np.ndarray:
     mask = np.ones((1, len(ids)), np.int64)
     logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask),
@@ -134,9 +121,10 @@ def validate(model: Model, checkpoint: str | Path, prompts: list[str] | None = N
         n = min(steps, model.max_context - len(ids))
         if n < 1:
             raise UsageError(f"prompt {prompt[:30]!r} leaves no room for a step within the context")
-        ref_tokens = greedy_generate(reference, ids, n).output_ids
+        # One reference pass: its greedy tokens and the logits each was chosen from (the teacher-forced run).
+        ref = greedy_generate(reference, ids, n, keep_logits=True)
+        ref_tokens, ref_logits = ref.output_ids, np.stack(ref.step_logits)
         ours = _runtime_greedy(model, ids, n)
-        ref_logits = _reference_step_logits(reference, ids, ref_tokens)
         run_logits = _runtime_step_logits(model, ids, ref_tokens)
         abs_err = np.abs(run_logits - ref_logits).max(-1)
         rel_err = abs_err / np.abs(ref_logits).max(-1)

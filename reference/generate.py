@@ -17,11 +17,14 @@ class ReferenceGeneration:
     output_ids: list[int]
     prefill_s: float
     decode_s: float
+    # With keep_logits: the last-position logits [len(output_ids), vocab] each output token was chosen from.
+    step_logits: list | None = None
 
 
 @torch.inference_mode()
 def greedy_generate(
-    model: nn.Module, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+    model: nn.Module, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None,
+    keep_logits: bool = False,
 ) -> ReferenceGeneration:
     spec = model.spec
     if not prompt_ids:
@@ -39,11 +42,14 @@ def greedy_generate(
     logits, past = model(ids)
     prefill_s = time.perf_counter() - start
     out: list[int] = []
+    kept = [] if keep_logits else None
     start = time.perf_counter()
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         out.append(token)
+        if kept is not None:
+            kept.append(logits[0, -1].numpy())
         if token == eos_token_id or len(out) == max_new_tokens:
             break
         logits, past = model(torch.tensor([[token]]), past_key_values=past)
-    return ReferenceGeneration(list(prompt_ids), out, prefill_s, time.perf_counter() - start)
+    return ReferenceGeneration(list(prompt_ids), out, prefill_s, time.perf_counter() - start, kept)
