@@ -149,6 +149,8 @@ def export(
             with progress.stage("fuse", "onnxruntime transformer optimizer (CPU target)"):
                 fused = fuse.fuse(onnx_path, spec)
                 echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in fused.items()) or 'nothing'}")
+                if not in_place:
+                    echo("      attention stays unfused: onnxruntime's CPU GroupQueryAttention is fp32 only")
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):

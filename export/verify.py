@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.runtime.model import position_ids
+from neodeploy.runtime.model import left_pad, position_ids
 
 DECODE_STEPS = 16
 TOP_K = 10
@@ -59,16 +59,6 @@ class CaseResult:
         return self.max_abs_error / self.scale if self.scale else float("inf")
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 def golden_cases(spec, tokenizer, max_context: int) -> list[Case]:
     """The golden prompts: tokenised text when the artifact has a tokenizer, seeded ids otherwise."""
     rng = np.random.default_rng(0)
@@ -89,9 +79,9 @@ def golden_cases(spec, tokenizer, max_context: int) -> list[Case]:
     pad = tokenizer.pad_token_id if tokenizer and tokenizer.pad_token_id is not None else 0
     rows = [encode(t)[:room] for t in BATCH_TEXTS]
     cases = [
-        Case("short", *_left_pad([short], pad)),
-        Case("long", *_left_pad([encode(LONG_TEXT, long_len)], pad)),
-        Case("padded-x3", *_left_pad(rows, pad)),
+        Case("short", *left_pad([short], pad)),
+        Case("long", *left_pad([encode(LONG_TEXT, long_len)], pad)),
+        Case("padded-x3", *left_pad(rows, pad)),
     ]
     return cases
 

@@ -55,6 +55,17 @@ def position_ids(mask: np.ndarray) -> np.ndarray:
     return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) [batch, longest] int64, each row right-aligned after pad_id / mask 0."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
 def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams) -> np.ndarray:
     """Probabilities [batch, vocab] after repetition penalty, temperature, top-k and top-p (temperature > 0)."""
     logits = penalised(logits, history, params.repetition_penalty) / params.temperature
@@ -157,12 +168,8 @@ class Model:
 
     def _steps(self, encoded: list[list[int]], params: SamplingParams) -> Iterator[np.ndarray]:
         """Yield the batch's next tokens step by step (left-padded prefill, then cached decode)."""
-        width = max(len(ids) for ids in encoded)
-        ids = np.full((len(encoded), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, prompt in enumerate(encoded):
-            ids[row, width - len(prompt) :] = prompt
-            mask[row, width - len(prompt) :] = 1
+        ids, mask = left_pad(encoded, self.pad_token_id)
+        width = ids.shape[1]
         rng = np.random.default_rng(params.seed)
         history = [list(p) for p in encoded]
         # A backend with one set of device buffers (TensorRT) serves one generation at a time; callers close

@@ -17,7 +17,7 @@ from neodeploy.reference import build_model, load_checkpoint, make_checkpoint
 from neodeploy.reference.generate import greedy_generate
 from neodeploy.runtime import load
 from neodeploy.runtime.backend import InPlaceCache
-from neodeploy.runtime.model import position_ids
+from neodeploy.runtime.model import left_pad, position_ids
 
 PROMPTS = [[5, 17, 33, 2, 250, 9, 100, 64, 3, 7, 11], [42, 8], [300, 1, 2, 3, 4, 5]]
 # head_dim 16 with rotary_pct 0.25 gives a 2-wide table, which onnxruntime's kernel refuses: rotary stays in the
@@ -43,15 +43,6 @@ def cpu_artifacts(tmp_path_factory):
     return _get
 
 
-def _padded(rows):
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), np.int64)
-    mask = np.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fused_op_in_eager_mode_equals_the_reference(name):
     """The op's own math (bias instead of a boolean mask, rotary at the cache index) against the reference, on a
@@ -64,7 +55,7 @@ def test_fused_op_in_eager_mode_equals_the_reference(name):
     fused = build_model(spec).eval()
     fused.load_state_dict(plain.state_dict())
     fused.use_fused_attention(spec.max_positions)
-    ids, mask = _padded(PROMPTS)
+    ids, mask = left_pad(PROMPTS, 0)
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     pos = torch.from_numpy(position_ids(mask.numpy()))
     empty = [(torch.zeros(3, spec.num_heads, 0, spec.head_dim),) * 2 for _ in range(spec.num_layers)]
