@@ -16,6 +16,8 @@ from neodeploy.errors import (  # noqa: E402
     UsageError,
     ExportError,
     VerificationError,
+    OverloadedError,
+    ClosedError,
 )
 
-__all__ = ["__version__", "NeodeployError", "ArtifactError", "ExportError", "VerificationError", "ConfigError", "CheckpointError", "TokenizerError", "UsageError"]
+__all__ = ["__version__", "NeodeployError", "ArtifactError", "ExportError", "VerificationError", "ConfigError", "CheckpointError", "TokenizerError", "UsageError", "OverloadedError", "ClosedError"]

@@ -33,3 +33,11 @@ class VerificationError(NeodeployError):
     """An export, engine or deployment drifted from the reference beyond tolerance; exit status 1."""
 
     exit_code = 1
+
+
+class OverloadedError(NeodeployError):
+    """The engine's waiting queue is full: retry later (the server answers 429 with Retry-After)."""
+
+
+class ClosedError(NeodeployError):
+    """The engine is draining or closed and takes no new requests (the server answers 503)."""

@@ -8,6 +8,7 @@ through numpy.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +18,22 @@ from neodeploy.errors import UsageError
 
 
 class Backend(Protocol):
+    """What every caller of a backend uses, and nothing else.
+
+    Limits are None where the backend has none of its own (beyond the artifact's max_context). An `exclusive`
+    backend has one set of buffers: its callers hold `lock` for a whole generation. A `joinable` backend's cache
+    can be re-arranged by rows (the engine's continuous batching); `cache_arrays` / `wrap_cache` / `new_cache` /
+    `set_rows` are only called on joinable backends."""
+
     name: str
+    max_batch: int | None
+    max_prompt: int | None
+    max_context: int | None
+    exclusive: bool
+    lock: Any  # a context manager
+    joinable: bool
+    in_place: bool
+    kernel_rotary: Any  # batch.RotaryTable when keys are rotated at their cache index (CPU target), else None
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, Any]:
@@ -25,26 +41,49 @@ class Backend(Protocol):
         length (prompt + new tokens) the caller expects, so a backend can size its cache once."""
 
     def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
-        """One step (seq 1) on top of `state`; returns (logits [batch, vocab], new state)."""
+        """One step (seq 1, or a prefill chunk at batch 1) on top of `state`; returns (logits [batch, vocab], new state)."""
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits at every position [batch, seq, vocab] (perplexity, validation)."""
+
+    def cache_arrays(self, state: Any, rows: int, width: int) -> list[np.ndarray]:
+        """Host arrays [rows, heads, width, head_dim] per past input; views that write through for an in-place cache."""
+
+    def wrap_cache(self, arrays: list[np.ndarray]) -> Any:
+        """A state holding exactly these arrays as the past."""
+
+    def new_cache(self, rows: int, capacity: int) -> Any:
+        """An empty in-place cache pool of rows x capacity tokens (allocated once)."""
+
+    def set_rows(self, state: Any, rows: int) -> None:
+        """An in-place pool's first `rows` rows are the batch from now on."""
+
+    def close(self) -> None:
+        """Free what the backend holds."""
 
 
 class InPlaceCache:
     """One preallocated [batch, heads, capacity, head_dim] buffer per past input, bound as both the past input
     and the present output, so GroupQueryAttention (CPU target) writes each step's keys into it and decode
-    allocates no cache at all. Grows (one copy) if a caller goes past the capacity it asked for."""
+    allocates no cache at all. Grows (one copy) if a caller goes past the capacity it asked for. As the
+    engine's pool, only the first `rows` rows are bound (a contiguous view: no copy)."""
 
     def __init__(self, ort, count: int, shape: tuple[int, int, int, int], dtype):
         self.arrays = [np.zeros(shape, dtype=dtype) for _ in range(count)]
-        # Wrapping a host array shares its memory: the kernel's writes land in self.arrays.
-        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
         self._ort = ort
+        self.rows = shape[0]
+        self._values: tuple[int, list[Any]] | None = None
 
     @property
     def capacity(self) -> int:
         return self.arrays[0].shape[2]
+
+    @property
+    def values(self) -> list[Any]:
+        # Wrapping a host array shares its memory: the kernel's writes land in self.arrays.
+        if self._values is None or self._values[0] != self.rows:
+            self._values = (self.rows, [self._ort.OrtValue.ortvalue_from_numpy(a[: self.rows]) for a in self.arrays])
+        return self._values[1]
 
     def ensure(self, total: int) -> None:
         if total <= self.capacity:
@@ -54,7 +93,7 @@ class InPlaceCache:
         self.arrays = [np.zeros((b, h, max(total, 2 * cap), d), dtype=a.dtype) for a in old]
         for new, a in zip(self.arrays, old):
             new[:, :, :cap] = a
-        self.values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+        self._values = None
 
 
 class OrtBackend:
@@ -62,9 +101,14 @@ class OrtBackend:
     in-place artifact (CPU target) on CPU, past and present are the same preallocated buffers (InPlaceCache)."""
 
     name = "onnxruntime"
+    max_batch = max_prompt = max_context = None
+    exclusive = False
+    lock = contextlib.nullcontext()
+    joinable = True
 
     def __init__(self, model_path: Path, num_layers: int, num_heads: int, head_dim: int, kv_dtype: np.dtype,
-                 providers: list[str] | None = None, threads: int | None = None, in_place: bool = False):
+                 providers: list[str] | None = None, threads: int | None = None, in_place: bool = False,
+                 kernel_rotary: Any = None):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -91,6 +135,7 @@ class OrtBackend:
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
         self.in_place = in_place and self.device == "cpu"
+        self.kernel_rotary = kernel_rotary
         self._ort = ort
 
     def _empty_cache(self, batch: int) -> list[Any]:
@@ -125,13 +170,30 @@ class OrtBackend:
     def prefill(self, input_ids, attention_mask, position_ids, capacity=None):
         if self.in_place:
             batch, seq = input_ids.shape
-            shape = (batch, self.num_heads, max(capacity or 0, seq + 1), self.head_dim)
-            cache = InPlaceCache(self._ort, len(self.past_names), shape, self.kv_dtype)
+            cache = self.new_cache(batch, max(capacity or 0, seq + 1))
             return self._run(input_ids, attention_mask, position_ids, cache)
         return self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]))
 
     def decode(self, input_ids, attention_mask, position_ids, state):
         return self._run(input_ids, attention_mask, position_ids, state)
+
+    def cache_arrays(self, state, rows, width):
+        if isinstance(state, InPlaceCache):
+            return [a[:rows, :, :width] for a in state.arrays]
+        return [v.numpy()[:rows, :, :width] for v in state]
+
+    def wrap_cache(self, arrays):
+        return [self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in arrays]
+
+    def new_cache(self, rows, capacity):
+        shape = (rows, self.num_heads, capacity, self.head_dim)
+        return InPlaceCache(self._ort, len(self.past_names), shape, self.kv_dtype)
+
+    def set_rows(self, state, rows):
+        state.rows = rows
+
+    def close(self) -> None:
+        pass
 
     def score(self, input_ids, attention_mask, position_ids):
         logits = self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]), True)[0]
@@ -143,14 +205,29 @@ class OrtBackend:
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
+def kernel_rotary(spec: dict):
+    """The table GroupQueryAttention rotates keys with, where the CPU target moved rotary into the kernel: GPT-NeoX
+    with rotary_dims / 2 a multiple of 8 (reference.gpt_neox.use_fused_attention makes the same choice)."""
+    from neodeploy.runtime.batch import RotaryTable
+
+    if spec.get("family") != "gpt_neox":
+        return None
+    dims = int(spec["hidden_size"] // spec["num_heads"] * spec["rotary_pct"])
+    if dims % 2 or (dims // 2) % 8:
+        return None
+    factor = spec.get("rope_scaling_factor") or 1.0 if spec.get("rope_scaling_type") == "linear" else 1.0
+    return RotaryTable(dims, spec["rotary_base"], factor)
+
+
 def create_backend(name: str | None, artifact: Path, manifest: dict, providers: list[str] | None = None) -> Backend:
     spec = manifest["spec"]
     head_dim = spec["hidden_size"] // spec["num_heads"]
     kv_dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
     name = name or "onnxruntime"
     if name in ("onnxruntime", "ort"):
+        in_place = manifest["onnx"].get("kv_cache") == "in-place"
         return OrtBackend(artifact / manifest["onnx"]["file"], spec["num_layers"], spec["num_heads"], head_dim,
-                          kv_dtype, providers, in_place=manifest["onnx"].get("kv_cache") == "in-place")
+                          kv_dtype, providers, in_place=in_place, kernel_rotary=kernel_rotary(spec) if in_place else None)
     if name in ("tensorrt", "trt"):
         from neodeploy.runtime.trt_backend import TensorRTBackend
 

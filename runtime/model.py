@@ -1,108 +1,50 @@
 """`neodeploy.runtime.load(artifact) -> Model`: generation on an exported artifact with numpy only.
 
-Greedy and sampled decoding (temperature, top-k, top-p, repetition penalty; seeded), stop ids and stop
-strings, batched prompts with left padding and real-token position ids, and UTF-8-safe streaming.
+Greedy and sampled decoding (temperature, top-k, top-p, repetition penalty; seeded per sequence), stop ids
+and stop strings, batched prompts with left padding and real-token position ids, and UTF-8-safe streaming.
+The pieces are shared with the engine (runtime/engine.py): DecodeBatch (batch.py), Sampler (sampling.py),
+TextStream (text.py), Sequence (sequence.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import Backend, create_backend
+from neodeploy.runtime.batch import DecodeBatch, left_pad, position_ids  # noqa: F401 - re-exported
 from neodeploy.runtime.manifest import read_manifest, verify_files
+from neodeploy.runtime.sampling import SamplingParams, penalised, sampling_distribution  # noqa: F401 - re-exported
+from neodeploy.runtime.sequence import Delta, Generation, Sequence
+from neodeploy.runtime.text import stop_sets
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
-Prompt = str | Sequence[int]
+Prompt = str | Seq[int]
 
 
-@dataclass
-class Generation:
-    prompt_ids: list[int]
-    output_ids: list[int]
-    text: str
-    finish_reason: str  # "length" | "eos" | "stop"
+class Stream:
+    """Text pieces of one generation as they are decoded; `finish_reason` and `generation` once it is exhausted."""
 
+    def __init__(self, deltas: Iterator[Delta], sequence: Sequence):
+        self._deltas, self.sequence = deltas, sequence
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    def __iter__(self) -> Iterator[str]:
+        for delta in self._deltas:
+            if delta.text:
+                yield delta.text
 
-    def check(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise UsageError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UsageError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            raise UsageError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+    @property
+    def finish_reason(self) -> str | None:
+        return self.sequence.text.finish_reason
 
-
-def position_ids(mask: np.ndarray) -> np.ndarray:
-    """Positions count only real tokens, so a left-padded row sees exactly the positions it would alone."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) [batch, longest] int64, each row right-aligned after pad_id / mask 0."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = row
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams) -> np.ndarray:
-    """Probabilities [batch, vocab] after repetition penalty, temperature, top-k and top-p (temperature > 0)."""
-    logits = penalised(logits, history, params.repetition_penalty) / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = np.partition(logits, -params.top_k, axis=-1)[:, -params.top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if params.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, -1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        drop_sorted = np.cumsum(sorted_probs, -1) - sorted_probs >= params.top_p
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
-        probs = np.where(drop, 0.0, probs)
-        probs /= probs.sum(-1, keepdims=True)
-    return probs
-
-
-def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:
-    """transformers' repetition penalty: seen tokens' positive logits divided by it, negative ones multiplied."""
-    logits = logits.astype(np.float64, copy=True)
-    if penalty != 1.0:
-        for row, seen in enumerate(history):
-            ids = np.unique(np.asarray(seen, dtype=np.int64))
-            values = logits[row, ids]
-            logits[row, ids] = np.where(values > 0, values / penalty, values * penalty)
-    return logits
-
-
-def next_tokens(logits: np.ndarray, history: list[list[int]], params: SamplingParams, rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits [batch, vocab]; temperature 0 is greedy."""
-    if params.temperature == 0:
-        return penalised(logits, history, params.repetition_penalty).argmax(-1)
-    probs = sampling_distribution(logits, history, params)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+    @property
+    def generation(self) -> Generation:
+        return self.sequence.result()
 
 
 class Model:
@@ -138,140 +80,90 @@ class Model:
             raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Seq[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True) if self.tokenizer else ""
 
-    def _prepare(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams) -> list[list[int]]:
-        params.check()
+    def params(self, params: SamplingParams | None = None, **options: Any) -> SamplingParams:
+        """One typed options object from either an object or keywords (max_new_tokens=…, temperature=…, stop=…)."""
+        if params is not None and options:
+            raise UsageError("pass either a SamplingParams or keyword options, not both")
+        try:
+            return params if params is not None else SamplingParams(**options)
+        except TypeError as exc:
+            raise UsageError(f"unknown generation option: {exc}") from exc
+
+    def limits(self) -> tuple[int | None, int | None, int]:
+        """(max batch, max prompt, max context) of this model on its backend."""
+        backend_context = self.backend.max_context
+        return self.backend.max_batch, self.backend.max_prompt, min(self.max_context, backend_context or self.max_context)
+
+    def check_fits(self, rows: int, longest: int, params: SamplingParams, context: int | None = None) -> None:
+        max_batch, max_prompt, max_context = self.limits()
+        # An engine's profile can be narrower than the artifact: check before any token is produced.
+        for limit, value, what in ((max_batch, rows, "batch"), (max_prompt, longest, "prompt")):
+            if limit is not None and value > limit:
+                raise UsageError(f"{what} of {value} exceeds the engine's profile (max {limit}); rebuild with a larger profile")
+        context = min(context or max_context, max_context)
+        if longest + params.max_new_tokens > context:
+            raise UsageError(
+                f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                + (f"the artifact's context of {context} tokens" if context == max_context else
+                   f"the engine's per-sequence KV budget of {context} tokens (kv_budget / max_running)")
+                + "; shorten the prompt or ask for fewer tokens"
+            )
+
+    def encode_all(self, prompts: Prompt | Seq[Prompt]) -> list[list[int]]:
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))):
+        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         if not prompts:
             raise UsageError("no prompts given")
-        encoded = [self.encode(p) for p in prompts]
-        longest = max(len(ids) for ids in encoded)
-        # An engine's profile can be narrower than the artifact: check before any token is produced.
-        for limit, value, what in ((getattr(self.backend, "max_batch", None), len(encoded), "batch"),
-                                   (getattr(self.backend, "max_prompt", None), longest, "prompt")):
-            if limit is not None and value > limit:
-                raise UsageError(f"{what} of {value} exceeds the engine's profile (max {limit}); rebuild with a larger profile")
-        max_context = min(self.max_context, getattr(self.backend, "max_context", None) or self.max_context)
-        if longest + params.max_new_tokens > max_context:
-            raise UsageError(
-                f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the artifact's "
-                f"context of {max_context} tokens; shorten the prompt or ask for fewer tokens"
-            )
-        return encoded
+        return [self.encode(p) for p in prompts]
+
+    def sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        stop_ids, stop_strings = stop_sets(params.stop, self.tokenizer, self.eos_token_id)
+        return Sequence(prompt_ids, params, self.tokenizer, stop_ids, stop_strings, self.eos_token_id)
 
     # ------------------------------------------------------------------------------------------- generation
 
-    def _steps(self, encoded: list[list[int]], params: SamplingParams) -> Iterator[np.ndarray]:
-        """Yield the batch's next tokens step by step (left-padded prefill, then cached decode)."""
-        ids, mask = left_pad(encoded, self.pad_token_id)
-        width = ids.shape[1]
-        rng = np.random.default_rng(params.seed)
-        history = [list(p) for p in encoded]
+    def _run(self, sequences: list[Sequence], params: SamplingParams) -> Iterator[list[Delta | None]]:
+        """Step the batch until every sequence is done; yields each step's deltas (None for finished rows)."""
+        prompts = [s.prompt_ids for s in sequences]
+        width = max(len(p) for p in prompts)
         # A backend with one set of device buffers (TensorRT) serves one generation at a time; callers close
         # this generator when they stop early, which releases the lock.
-        lock = self.backend.lock if getattr(self.backend, "exclusive", False) else contextlib.nullcontext()
-        with lock:
-            logits, state = self.backend.prefill(ids, mask, position_ids(mask), capacity=width + params.max_new_tokens)
-            for step in range(params.max_new_tokens):
-                tokens = next_tokens(logits, history, params, rng)
-                for row, token in enumerate(tokens):
-                    history[row].append(int(token))
-                yield tokens
-                if step == params.max_new_tokens - 1:
+        with self.backend.lock if self.backend.exclusive else contextlib.nullcontext():
+            batch = DecodeBatch(self.backend)
+            logits = batch.prefill(prompts, self.pad_token_id, capacity=width + params.max_new_tokens)
+            while True:
+                deltas = [None if s.done else s.feed(logits[row]) for row, s in enumerate(sequences)]
+                yield deltas
+                if all(s.done for s in sequences):
                     return
-                mask = np.concatenate([mask, np.ones((len(encoded), 1), np.int64)], axis=1)
-                logits, state = self.backend.decode(tokens[:, None].astype(np.int64), mask, position_ids(mask)[:, -1:], state)
+                logits = batch.step(np.array([s.last_token for s in sequences], dtype=np.int64))
 
-    def _stop_ids(self, stop: Sequence[str | int] | None) -> tuple[set[int], list[str]]:
-        stop = [stop] if isinstance(stop, (str, int, np.integer)) else list(stop or [])
-        ids = {int(s) for s in stop if not isinstance(s, str)}
-        strings = [s for s in stop if isinstance(s, str) and s]
-        if self.tokenizer is not None:
-            # A stop string that is one special token never shows in the decoded text (specials are skipped):
-            # stop on its id instead.
-            special = {s: self.tokenizer.token_to_id(s) for s in strings}
-            ids |= {i for i in special.values() if i is not None}
-            strings = [s for s in strings if special[s] is None]
-        if strings and self.tokenizer is None:
-            raise UsageError("stop strings need a tokenizer; this artifact has none, pass stop token ids")
-        if self.eos_token_id is not None:
-            ids.add(self.eos_token_id)
-        return ids, strings
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None, **options: Any) -> list[Generation]:
+        """Generate for one prompt or a batch; always returns one Generation per prompt. Options: the fields of
+        SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, logprobs)."""
+        params = self.params(params, **options)
+        encoded = self.encode_all(prompts)
+        self.check_fits(len(encoded), max(len(e) for e in encoded), params)
+        sequences = [self.sequence(ids, params) for ids in encoded]
+        for _ in self._run(sequences, params):
+            pass
+        return [s.result() for s in sequences]
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 stop: Sequence[str | int] | None = None, seed: int | None = None) -> list[Generation]:
-        """Generate for one prompt or a batch; always returns one Generation per prompt."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-        encoded = self._prepare(prompts, params)
-        stop_ids, stop_strings = self._stop_ids(stop)
-        outputs: list[list[int]] = [[] for _ in encoded]
-        reasons: list[str | None] = [None] * len(encoded)
-        with contextlib.closing(self._steps(encoded, params)) as steps:
-            for tokens in steps:
-                for row, token in enumerate(tokens.tolist()):
-                    if reasons[row] is not None:
-                        continue
-                    if token in stop_ids:
-                        reasons[row] = "eos" if token == self.eos_token_id else "stop"
-                        continue
-                    outputs[row].append(token)
-                    if stop_strings and any(s in self.decode(outputs[row]) for s in stop_strings):
-                        reasons[row] = "stop"
-                if all(r is not None for r in reasons):
-                    break
-        results = []
-        for prompt, out, reason in zip(encoded, outputs, reasons):
-            text = self.decode(out)
-            if reason == "stop" and stop_strings:
-                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-                text = text[:cut] if cut >= 0 else text
-            results.append(Generation(prompt, out, text, reason or "length"))
-        return results
-
-    def stream(self, prompt: Prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str | int] | None = None,
-               seed: int | None = None) -> Iterator[str]:
-        """Yield text pieces as they are decoded. A piece never ends inside a UTF-8 character (byte-level
-        tokens can split one), nor inside what may become a stop string."""
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
-        encoded = self._prepare(prompt, params)
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, **options: Any) -> Stream:
+        """Text pieces as they are decoded. A piece never ends inside a UTF-8 character (byte-level tokens can
+        split one), nor inside what may become a stop string. The returned Stream tells the finish reason."""
+        params = self.params(params, **options)
+        encoded = self.encode_all(prompt)
         if len(encoded) != 1:
             raise UsageError("stream() takes one prompt; use generate() for batches")
-        stop_ids, stop_strings = self._stop_ids(stop)
-        out: list[int] = []
-        sent = 0
-        with contextlib.closing(self._steps(encoded, params)) as steps:
-            for tokens in steps:
-                token = int(tokens[0])
-                if token in stop_ids:
-                    break
-                out.append(token)
-                text = self.decode(out)
-                cut = min((text.find(s) for s in stop_strings if s in text), default=-1)
-                if cut >= 0:
-                    if cut > sent:
-                        yield text[sent:cut]
-                    return
-                safe = len(text)
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence so far: wait for its other bytes
-                    safe = len(text.rstrip("\ufffd"))
-                # Hold back the longest tail that could still grow into any stop string.
-                visible = text[:safe]
-                hold = max((k for s in stop_strings for k in range(1, min(len(s) - 1, safe) + 1)
-                            if visible.endswith(s[:k])), default=0)
-                safe -= hold
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-        text = self.decode(out)
-        if len(text) > sent:
-            yield text[sent:]
+        self.check_fits(1, len(encoded[0]), params)
+        sequence = self.sequence(encoded[0], params)
+        return Stream((d[0] for d in self._run([sequence], params) if d[0] is not None), sequence)
 
 
 def load(artifact_dir: str | Path, backend: str | None = None, providers: list[str] | None = None,

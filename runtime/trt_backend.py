@@ -47,6 +47,9 @@ class _Pinned:
 class TensorRTBackend:
     name = "tensorrt"
     exclusive = True  # one set of device buffers: the Model serialises generations on it
+    joinable = False  # its cache cannot be re-arranged by rows yet: the engine serves one request at a time
+    in_place = False
+    kernel_rotary = None
 
     def __init__(self, artifact: Path, manifest: dict):
         try:

@@ -57,21 +57,21 @@ def tokenizer_dir(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """exported(name, spec, precision) -> (checkpoint, artifact), each exported once per test session."""
+    """exported(name, spec, precision, target) -> (checkpoint, artifact), each exported once per test session."""
     from neodeploy.export import export
     from neodeploy.reference import make_checkpoint
 
     root = tmp_path_factory.mktemp("exported")
     made: dict = {}
 
-    def _get(name, spec, precision="fp32"):
-        if (name, precision) not in made:
+    def _get(name, spec, precision="fp32", target="portable"):
+        if (name, precision, target) not in made:
             ckpt = root / name
             if not ckpt.exists():
                 make_checkpoint(spec, ckpt, seed=5, init_std=0.1)
-            made[(name, precision)] = (ckpt, export(ckpt, root / f"{name}-{precision}", precision=precision,
-                                                    echo=lambda s: None))
-        return made[(name, precision)]
+            made[(name, precision, target)] = (ckpt, export(ckpt, root / f"{name}-{precision}-{target}",
+                                                            precision=precision, target=target, echo=lambda s: None))
+        return made[(name, precision, target)]
 
     return _get
 

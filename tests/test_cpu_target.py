@@ -30,17 +30,9 @@ SPECS = {
 
 
 @pytest.fixture(scope="module")
-def cpu_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cpu-target")
-    made = {}
-
-    def _get(name):
-        if name not in made:
-            ckpt = make_checkpoint(SPECS[name](), root / name, seed=3, init_std=0.1)
-            made[name] = (ckpt, export(ckpt, root / f"{name}-cpu", target="cpu", echo=lambda s: None))
-        return made[name]
-
-    return _get
+def cpu_artifacts(exported):
+    """Shared with the engine tests (one export per session)."""
+    return lambda name: exported(f"cpu-{name}", SPECS[name](), target="cpu")
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -110,6 +110,9 @@ class ScriptedBackend:
     """Emits a fixed token script (one-hot logits): streaming and stop strings tested on exact text."""
 
     name = "scripted"
+    max_batch = max_prompt = max_context = None
+    exclusive = joinable = in_place = False
+    lock = kernel_rotary = None
 
     def __init__(self, script, vocab):
         self.script, self.vocab = script, vocab

@@ -1,0 +1,208 @@
+"""The decoding object: a batch of sequences stepped one token at a time, rows joining and leaving.
+
+Rows share one cache width W and are right-aligned in it (left padding, mask 0), which is the layout both
+graphs take (the portable graph and the CPU target's GroupQueryAttention, whose seqlens_k is W - 1 for every
+row). Positions count real tokens only, so a row computes what it would alone. A row that joins is prefilled
+on its own and moved into place; when rows leave, the columns every remaining row pads are dropped, so W is
+always the longest running row's length.
+
+Moving a row along the cache axis is exact for everything but rotary applied *inside* the CPU target's
+kernel, which rotates keys at their cache index: those keys are re-rotated by the shift (`RotaryTable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from neodeploy.errors import UsageError
+
+
+def position_ids(mask: np.ndarray) -> np.ndarray:
+    """Positions count only real tokens, so a left-padded row sees exactly the positions it would alone."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) [batch, longest] int64, each row right-aligned after pad_id / mask 0."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+class RotaryTable:
+    """The cos / sin table the CPU target's kernel rotates keys with (fp32, as reference.rotary_cos_sin builds
+    it), used to move rotated keys along the cache axis: un-rotate at the old index, rotate at the new one."""
+
+    def __init__(self, rotary_dims: int, base: float, scaling_factor: float = 1.0):
+        self.dims = rotary_dims
+        exponent = np.arange(0, rotary_dims, 2, dtype=np.float32) / np.float32(rotary_dims)
+        self.inv_freq = (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+        if scaling_factor != 1.0:
+            self.inv_freq = (self.inv_freq / np.float32(scaling_factor)).astype(np.float32)
+
+    def _cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+        return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+    def shift(self, keys: np.ndarray, start: int, stop: int, by: int) -> None:
+        """keys [rows, heads, length, head_dim] whose columns start..stop were rotated at their index, now sit at
+        index + by: rotate them in place to what the kernel would have written there."""
+        if by == 0 or stop <= start:
+            return
+        half = self.dims // 2
+        old_cos, old_sin = self._cos_sin(np.arange(start, stop) - by)
+        new_cos, new_sin = self._cos_sin(np.arange(start, stop))
+        x = keys[:, :, start:stop, : self.dims]
+        x1, x2 = x[..., :half].astype(np.float32), x[..., half:].astype(np.float32)
+        # Un-rotate (transpose of the rotation at the old index), then rotate at the new one.
+        u1, u2 = x1 * old_cos + x2 * old_sin, x2 * old_cos - x1 * old_sin
+        x[..., :half] = u1 * new_cos - u2 * new_sin
+        x[..., half:] = u2 * new_cos + u1 * new_sin
+
+
+class DecodeBatch:
+    """Mask, positions and cache state of a running batch. `prefill` starts it from prompts (left-padded
+    together), `step` feeds one token per row, `join` takes in the rows of another (freshly prefilled) batch,
+    `keep` drops the rest. Joining and dropping need a backend whose cache can move (`backend.joinable`)."""
+
+    def __init__(self, backend, rows: int = 0, capacity: int = 0):
+        self.backend = backend
+        self.mask = np.zeros((0, 0), np.int64)
+        self.lengths = np.zeros(0, np.int64)  # real tokens in the cache, per row
+        self.state: Any = None
+        self.capacity_rows, self.capacity = rows, capacity  # a preallocated pool (in-place cache), if > 0
+        self.pending: np.ndarray | None = None  # prompt ids not yet run (chunked prefill)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    # ------------------------------------------------------------------------------------- prefill
+
+    def prefill(self, prompts: Sequence[Sequence[int]], pad_id: int, capacity: int, chunk: int | None = None) -> np.ndarray | None:
+        """Start from prompts; returns last-position logits [rows, vocab], or None when `chunk` leaves part of a
+        single prompt for `advance` (long prompts are run in chunks so other rows' steps can interleave)."""
+        ids, mask = left_pad(prompts, pad_id)
+        if chunk and ids.shape[1] > chunk:
+            if len(prompts) != 1:
+                raise UsageError("chunked prefill takes one prompt at a time")
+            self.pending = ids[:, chunk:]
+            ids, mask = ids[:, :chunk], mask[:, :chunk]
+        logits, self.state = self.backend.prefill(ids, mask, position_ids(mask), capacity=capacity)
+        self.mask, self.lengths = mask, mask.sum(1)
+        return None if self.pending is not None else logits
+
+    def advance(self, chunk: int) -> np.ndarray | None:
+        """Run the next chunk of a chunked prefill (batch 1); returns the logits after the last one."""
+        ids, self.pending = self.pending[:, :chunk], (self.pending[:, chunk:] if self.pending.shape[1] > chunk else None)
+        mask = np.concatenate([self.mask, np.ones_like(ids)], axis=1)
+        logits, self.state = self.backend.decode(ids, mask, position_ids(mask)[:, -ids.shape[1] :], self.state)
+        self.mask, self.lengths = mask, self.lengths + ids.shape[1]
+        return None if self.pending is not None else logits
+
+    # ------------------------------------------------------------------------------------- decode
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens [rows] -> next logits [rows, vocab]."""
+        self.mask = np.concatenate([self.mask, np.ones((self.rows, 1), np.int64)], axis=1)
+        self.lengths = self.lengths + 1
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        logits, self.state = self.backend.decode(ids, self.mask, (self.lengths - 1)[:, None], self.state)
+        return logits
+
+    # ------------------------------------------------------------------------------------- rows
+
+    def join(self, other: DecodeBatch) -> None:
+        """Append other's rows (other is consumed). Aligns both to the wider of the two widths."""
+        if other.rows == 0:
+            return
+        if self.rows == 0 and self.capacity_rows == 0:
+            self.mask, self.lengths, self.state = other.mask, other.lengths, other.state
+            return
+        width = max(self.width, other.width)
+        n, m = self.rows, other.rows
+        theirs = self.backend.cache_arrays(other.state, other.rows, other.width)
+        if self.capacity_rows:  # a preallocated in-place pool: move rows within it, no allocation
+            if n + m > self.capacity_rows or width >= self.capacity:
+                raise UsageError(f"the batch pool ({self.capacity_rows} rows x {self.capacity} tokens) is full")
+            if self.state is None:
+                self.state = self.backend.new_cache(self.capacity_rows, self.capacity)
+            pool = self.backend.cache_arrays(self.state, self.capacity_rows, self.capacity)
+            self._shift(pool, n, self.width, width - self.width)
+            for p, t in zip(pool, theirs):
+                p[n : n + m, :, : width - other.width] = 0
+                p[n : n + m, :, width - other.width : width] = t[:, :, : other.width]
+            self._rotate(pool, slice(n, n + m), width - other.width, width, width - other.width)
+            self.backend.set_rows(self.state, n + m)
+        else:
+            mine = self.backend.cache_arrays(self.state, n, self.width) if n else None
+            merged = []
+            for i, t in enumerate(theirs):
+                a = np.zeros((n + m, *t.shape[1:2], width, t.shape[3]), dtype=t.dtype)
+                if n:
+                    a[:n, :, width - self.width :] = mine[i]
+                a[n:, :, width - other.width :] = t[:, :, : other.width]
+                merged.append(a)
+            self._rotate(merged, slice(0, n), width - self.width, width, width - self.width)
+            self._rotate(merged, slice(n, n + m), width - other.width, width, width - other.width)
+            self.state = self.backend.wrap_cache(merged)
+        pad = lambda mask, w: np.concatenate([np.zeros((mask.shape[0], w - mask.shape[1]), np.int64), mask], axis=1)
+        self.mask = np.concatenate([pad(self.mask, width), pad(other.mask, width)], axis=0)
+        self.lengths = np.concatenate([self.lengths, other.lengths])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep these rows (in this order), drop the others, and drop the columns all remaining rows pad."""
+        rows = np.asarray(list(rows), dtype=np.int64)
+        if len(rows) == self.rows and (rows == np.arange(self.rows)).all():
+            return
+        before, old_width = self.rows, self.width
+        self.mask, self.lengths = self.mask[rows], self.lengths[rows]
+        drop = int(old_width - self.lengths.max()) if len(rows) else old_width
+        if self.capacity_rows:
+            if self.state is not None:
+                pool = self.backend.cache_arrays(self.state, self.capacity_rows, self.capacity)
+                for p in pool:
+                    p[: len(rows)] = p[rows]
+                self._shift(pool, len(rows), old_width, -drop)
+                self.backend.set_rows(self.state, len(rows))
+        elif len(rows):
+            arrays = [np.ascontiguousarray(a[rows][:, :, drop:])
+                      for a in self.backend.cache_arrays(self.state, before, old_width)]
+            self._rotate(arrays, slice(0, len(rows)), 0, old_width - drop, -drop)
+            self.state = self.backend.wrap_cache(arrays)
+        else:
+            self.state = None
+        self.mask = self.mask[:, drop:]
+
+    # ------------------------------------------------------------------------------------- helpers
+
+    def _shift(self, pool: list[np.ndarray], n: int, width: int, by: int) -> None:
+        """Move the first n rows' columns [0, width) by `by` along the cache axis (in place in the pool)."""
+        if by == 0 or n == 0 or width == 0:
+            return
+        for p in pool:
+            if by > 0:
+                p[:n, :, by : by + width] = p[:n, :, :width].copy()
+                p[:n, :, :by] = 0
+            else:
+                p[:n, :, : width + by] = p[:n, :, -by:width].copy()
+        lo, hi = (by, by + width) if by > 0 else (0, width + by)
+        self._rotate(pool, slice(0, n), lo, hi, by)
+
+    def _rotate(self, arrays: list[np.ndarray], rows: slice, start: int, stop: int, by: int) -> None:
+        table = self.backend.kernel_rotary
+        if table is None or by == 0:
+            return
+        for keys in arrays[0::2]:  # past names alternate key, value per layer
+            table.shift(keys[rows], start, stop, by)

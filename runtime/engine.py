@@ -1,0 +1,390 @@
+"""Continuous batching: one model, one thread stepping the running set one token at a time.
+
+    engine = Engine(load("artifact/"), EngineConfig(max_running=8))
+    handle = engine.submit("Hello", SamplingParams(max_new_tokens=16))
+    for delta in handle:            # or `async for` in an event loop; handle.cancel() frees the slot
+        print(delta.text, end="")
+    engine.close()
+
+At every step boundary finished sequences (eos, stop id or string, length, cancel) leave the batch and waiting
+requests are admitted: each is prefilled alone (in chunks of `prefill_chunk` tokens, so a long prompt does not
+stall the others' decoding for its whole length) and its cache joins the decode batch (runtime/batch.py). A
+request yields exactly what `Model.generate` yields for it alone: the same Sequence (sampler with its own RNG,
+text stream, stop rules) runs it.
+
+Memory: the KV cache of the running slots is allocated once, up front, on the CPU target (in-place cache):
+    bytes = 2 (key, value) x layers x max_running x capacity x hidden_size x bytes per element (4 fp32, 2 fp16)
+where capacity (tokens per sequence: prompt + max_new_tokens) = min(max_context, kv_budget / max_running).
+The portable graph concatenates its cache every step (that is the graph's contract), within the same bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
+from neodeploy.runtime.batch import DecodeBatch
+from neodeploy.runtime.sampling import SamplingParams
+from neodeploy.runtime.sequence import Delta, Generation, Sequence
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def kv_bytes_per_token(manifest: dict) -> int:
+    spec = manifest["spec"]
+    element = 2 if manifest["precision"] == "fp16" else 4
+    return 2 * spec["num_layers"] * spec["hidden_size"] * element
+
+
+def parse_kv_budget(budget: int | str | None, manifest: dict) -> int | None:
+    """Tokens from `4096` / `"4096"` (tokens) or `"512MiB"` / `"2GB"` (bytes, divided by the per-token size)."""
+    if budget is None or isinstance(budget, int) and not isinstance(budget, bool):
+        tokens = budget
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(budget))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS or (unit == "" and "." in match.group(1)):
+            raise UsageError(f"kv budget {budget!r} is neither a token count (4096) nor a size (512MiB, 2GB)")
+        tokens = int(match.group(1)) if unit == "" else int(float(match.group(1)) * _UNITS[unit]) // kv_bytes_per_token(manifest)
+    if tokens is not None and tokens < 1:
+        raise UsageError(f"kv budget {budget!r} holds no token; give at least one sequence's worth")
+    return tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 8  # sequences decoded together
+    max_waiting: int = 64  # queued requests beyond the running ones; past it submit raises OverloadedError
+    kv_budget: int | str | None = None  # tokens over all running slots, or bytes ("2GiB"); default max_context each
+    prefill_chunk: int = 256  # prompt tokens prefilled per step boundary
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_waiting", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_waiting" else 1):
+                raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
+
+
+class EngineObserver:
+    """Hooks for metrics (the server's Prometheus collectors); called from the engine thread."""
+
+    def step(self, batch_size: int, seconds: float) -> None: ...
+
+    def token(self, handle: Handle, first: bool, seconds: float) -> None: ...
+
+    def finished(self, handle: Handle, reason: str) -> None: ...
+
+
+_END = object()
+
+
+class Handle:
+    """One submitted request: iterate its Deltas (blocking, or `async for`), cancel it, or wait for its result."""
+
+    def __init__(self, engine: Engine, request_id: int, sequence: Sequence):
+        self.engine, self.id, self.sequence = engine, request_id, sequence
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._finished = threading.Event()
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.sequence.prompt_ids
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating at the next step boundary; the slot is freed and the finish reason is 'cancelled'."""
+        self.engine._cancel(self)
+
+    # ------------------------------------------------------------------------------------- engine side
+
+    def _push(self, item: Any) -> None:
+        with self._cond:
+            self._items.append(item)
+            if item is _END:
+                self._finished.set()
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: its reader is gone
+                pass
+
+    # ------------------------------------------------------------------------------------- reader side
+
+    def _next(self, timeout: float | None = None) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise TimeoutError("no token within the timeout")
+            item = self._items.popleft()
+            if item is _END:
+                self._items.appendleft(item)  # stays at the end for any later reader
+            return item
+
+    def __iter__(self) -> Iterator[Delta]:
+        while (item := self._next()) is not _END:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    async def __aiter__(self):
+        loop, event = asyncio.get_running_loop(), asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, event))
+        try:
+            while True:
+                with self._cond:
+                    item = self._items.popleft() if self._items else None
+                    if item is _END:
+                        self._items.appendleft(item)
+                    if item is None:
+                        event.clear()
+                if item is None:
+                    await event.wait()
+                    continue
+                if item is _END:
+                    break
+                yield item
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, event))
+        if self.error is not None:
+            raise self.error
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Wait for the end and return the Generation (raises the request's error, if it failed)."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.sequence.result()
+
+
+class _Entry:
+    def __init__(self, handle: Handle):
+        self.handle, self.batch = handle, None
+
+
+class Engine:
+    """Owns one loaded Model; `submit` from any thread or task. Runs its own thread until `close`."""
+
+    def __init__(self, model, config: EngineConfig | None = None, observer: EngineObserver | None = None):
+        self.model, self.config, self.observer = model, config or EngineConfig(), observer or EngineObserver()
+        backend = model.backend
+        self.max_running = self.config.max_running if backend.joinable else 1
+        _, _, max_context = model.limits()
+        budget = parse_kv_budget(self.config.kv_budget, model.manifest)
+        self.capacity = min(max_context, budget // self.max_running) if budget else max_context
+        if self.capacity < 2:
+            raise UsageError(f"kv budget {self.config.kv_budget!r} leaves {self.capacity} token(s) per sequence "
+                             f"for {self.max_running} running sequences; raise it or lower max_running")
+        pooled = backend.joinable and backend.in_place
+        self.kv_bytes = kv_bytes_per_token(model.manifest) * self.max_running * self.capacity
+        self._batch = DecodeBatch(backend, self.max_running if pooled else 0, self.capacity)
+        if pooled:  # allocated once, up front: decoding never allocates cache memory
+            self._batch.state = backend.new_cache(self.max_running, self.capacity)
+            backend.set_rows(self._batch.state, 0)
+        self._running: list[_Entry] = []
+        self._prefilling: list[_Entry] = []
+        self._waiting: collections.deque[_Entry] = collections.deque()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Condition()
+        self._closing = False
+        self._next_id = 0
+        self._held = False  # the backend's lock, for exclusive backends, while a request runs
+        self._thread = threading.Thread(target=self._loop, name="neodeploy-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------- clients
+
+    @property
+    def running(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, prompt, params: SamplingParams | None = None, **options: Any) -> Handle:
+        """Queue one request. Raises UsageError (bad prompt or parameters, too long), OverloadedError (the
+        waiting queue is full) or ClosedError (draining); nothing is queued then."""
+        model = self.model
+        params = model.params(params, **options)
+        encoded = model.encode_all(prompt)
+        if len(encoded) != 1:
+            raise UsageError("submit takes one prompt; submit each prompt of a batch on its own")
+        ids = encoded[0]
+        model.check_fits(1, len(ids), params, context=self.capacity)
+        sequence = model.sequence(ids, params)
+        with self._lock:
+            if self._closing:
+                raise ClosedError("the engine is shutting down and takes no new requests")
+            free = self.max_running - len(self._running) - len(self._prefilling)
+            if len(self._waiting) >= self.config.max_waiting + max(free, 0):
+                raise OverloadedError(f"{len(self._waiting)} requests are already waiting (max_waiting "
+                                      f"{self.config.max_waiting}); retry later")
+            self._next_id += 1
+            handle = Handle(self, self._next_id, sequence)
+            self._waiting.append(_Entry(handle))
+            self._lock.notify_all()
+        return handle
+
+    def generate(self, prompt, params: SamplingParams | None = None, **options: Any) -> Generation:
+        return self.submit(prompt, params, **options).result()
+
+    def close(self, timeout: float | None = None, cancel: bool = True) -> None:
+        """Stop taking requests; in-flight ones finish (or, with cancel, end as 'cancelled' after `timeout`)."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive() and cancel:
+            with self._lock:
+                for entry in [*self._running, *self._prefilling, *self._waiting]:
+                    self._cancelled.add(entry.handle.id)
+                self._lock.notify_all()
+            self._thread.join()
+
+    def drain(self, timeout: float) -> None:
+        self.close(timeout, cancel=True)
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._lock:
+            if not handle.done:
+                self._cancelled.add(handle.id)
+                self._lock.notify_all()
+
+    # ------------------------------------------------------------------------------------- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._waiting or self._running or self._prefilling or self._closing)
+                if self._closing and not (self._waiting or self._running or self._prefilling):
+                    return
+                cancelled, self._cancelled = self._cancelled, set()
+                while self._waiting and len(self._running) + len(self._prefilling) < self.max_running:
+                    self._prefilling.append(self._waiting.popleft())
+                waiting_cancelled = [e for e in self._waiting if e.handle.id in cancelled]
+                for entry in waiting_cancelled:
+                    self._waiting.remove(entry)
+            for entry in waiting_cancelled:
+                self._finish(entry, entry.handle.sequence.cancel())
+            try:
+                self._retire([i for i, e in enumerate(self._running) if e.handle.id in cancelled], cancel=True)
+                for entry in [e for e in self._prefilling if e.handle.id in cancelled]:
+                    self._prefilling.remove(entry)
+                    self._finish(entry, entry.handle.sequence.cancel())
+                self._prefill()
+                self._decode()
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, never the engine
+                self._fail(self._running, exc)
+                self._running = []
+                self._batch.keep([])
+            if self._held and not (self._running or self._prefilling):
+                self._held = False
+                self.model.backend.lock.release()
+
+    def _hold(self) -> None:
+        if self.model.backend.exclusive and not self._held:
+            self.model.backend.lock.acquire()
+            self._held = True
+
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk
+        for entry in list(self._prefilling):
+            if budget <= 0:
+                break
+            try:
+                self._hold()
+                if entry.batch is None:
+                    entry.batch = DecodeBatch(self.model.backend)
+                    prompt = entry.handle.prompt_ids
+                    done_before = 0
+                    logits = entry.batch.prefill([prompt], self.model.pad_token_id, capacity=len(prompt), chunk=budget)
+                else:
+                    done_before = entry.batch.lengths[0]
+                    logits = entry.batch.advance(budget)
+                budget -= int(entry.batch.lengths[0] - done_before)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self._prefilling.remove(entry)
+                self._fail([entry], exc)
+                continue
+            if logits is None:
+                continue  # more chunks to come
+            self._prefilling.remove(entry)
+            delta = entry.handle.sequence.feed(logits[0])
+            self._emit(entry, delta)
+            if delta.finish_reason is None:
+                self._batch.join(entry.batch)
+                self._running.append(entry)
+            entry.batch = None
+
+    def _decode(self) -> None:
+        if not self._running:
+            return
+        start = time.perf_counter()
+        tokens = np.array([e.handle.sequence.last_token for e in self._running], dtype=np.int64)
+        logits = self._batch.step(tokens)
+        self.observer.step(len(self._running), time.perf_counter() - start)
+        finished = []
+        for row, entry in enumerate(self._running):
+            delta = entry.handle.sequence.feed(logits[row])
+            self._emit(entry, delta)
+            if delta.finish_reason is not None:
+                finished.append(row)
+        self._retire(finished)
+
+    def _retire(self, rows: list[int], cancel: bool = False) -> None:
+        if not rows:
+            return
+        if cancel:
+            for row in rows:
+                entry = self._running[row]
+                self._finish(entry, entry.handle.sequence.cancel())
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _emit(self, entry: _Entry, delta: Delta) -> None:
+        handle, now = entry.handle, time.perf_counter()
+        first = handle.first_token_at is None
+        self.observer.token(handle, first, now - (handle.submitted if first else handle.last_token_at))
+        if first:
+            handle.first_token_at = now
+        handle.last_token_at = now
+        if delta.finish_reason is not None:
+            self._finish(entry, delta)
+        else:
+            handle._push(delta)
+
+    def _finish(self, entry: _Entry, delta: Delta) -> None:
+        entry.handle._push(delta)
+        self.observer.finished(entry.handle, delta.finish_reason or "error")
+        entry.handle._push(_END)
+
+    def _fail(self, entries: list[_Entry], exc: BaseException) -> None:
+        for entry in entries:
+            entry.handle.error = exc if isinstance(exc, NeodeployError) else RuntimeError(f"generation failed: {exc}")
+            entry.handle.sequence.text.finish("error")
+            self.observer.finished(entry.handle, "error")
+            entry.handle._push(_END)

@@ -1,0 +1,127 @@
+"""One sampler per sequence: its own parameters, its own RNG, log-probabilities on request.
+
+A seeded sequence draws the same tokens whatever shares its batch (the RNG is the sequence's, not the
+batch's), so `Model.generate`, the engine and the server all sample a request exactly as it would be
+sampled alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from neodeploy.errors import UsageError
+
+MAX_LOGPROBS = 20  # OpenAI's own limit on top log-probabilities per token
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything one generation takes. `stop` holds strings and token ids; `logprobs` the number of top
+    log-probabilities to report per generated token (None: none, 0: the sampled token's only)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str | int, ...] = field(default=())
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        if isinstance(stop, (str, int, np.integer)):
+            stop = (stop,)
+        object.__setattr__(self, "stop", tuple(int(s) if isinstance(s, np.integer) else s for s in (stop or ())))
+        self.check()
+
+    def check(self) -> None:
+        def number(value) -> bool:
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not number(self.temperature) or not self.temperature >= 0:
+            raise UsageError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise UsageError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
+        if not number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise UsageError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise UsageError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise UsageError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+        for s in self.stop:
+            if not isinstance(s, (str, int)) or isinstance(s, bool):
+                raise UsageError(f"stop entries must be strings or token ids, got {s!r}")
+
+
+def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:
+    """transformers' repetition penalty: seen tokens' positive logits divided by it, negative ones multiplied."""
+    logits = logits.astype(np.float64, copy=True)
+    if penalty != 1.0:
+        for row, seen in enumerate(history):
+            ids = np.unique(np.asarray(seen, dtype=np.int64))
+            values = logits[row, ids]
+            logits[row, ids] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams) -> np.ndarray:
+    """Probabilities [batch, vocab] after repetition penalty, temperature, top-k and top-p (temperature > 0)."""
+    logits = penalised(logits, history, params.repetition_penalty) / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -params.top_k, axis=-1)[:, -params.top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        drop_sorted = np.cumsum(sorted_probs, -1) - sorted_probs >= params.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, -1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(-1, keepdims=True)
+    return probs
+
+
+@dataclass(frozen=True)
+class Sample:
+    token: int
+    logprob: float | None = None  # log p(token) under the model's own distribution (before any filtering)
+    top: tuple[tuple[int, float], ...] = ()  # the `logprobs` most likely (id, logprob), best first
+
+
+class Sampler:
+    """Picks one sequence's tokens. The history (prompt + output) feeds the repetition penalty."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.history = [list(prompt_ids)]
+
+    def __call__(self, logits: np.ndarray) -> Sample:
+        """logits [vocab] at the sequence's last position."""
+        row = logits[None, :]
+        if self.params.temperature == 0:
+            token = int(penalised(row, self.history, self.params.repetition_penalty)[0].argmax())
+        else:
+            probs = sampling_distribution(row, self.history, self.params)[0]
+            token = int(self.rng.choice(probs.shape[-1], p=probs))
+        self.history[0].append(token)
+        if self.params.logprobs is None:
+            return Sample(token)
+        shifted = logits.astype(np.float64) - logits.max()
+        logp = shifted - np.log(np.exp(shifted).sum())
+        k = self.params.logprobs
+        top = np.argsort(-logp, kind="stable")[:k] if k else []
+        return Sample(token, float(logp[token]), tuple((int(i), float(logp[i])) for i in top))
