@@ -223,6 +223,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from neodeploy.serve import ServeOptions, run
+    except ImportError as exc:
+        raise UsageError(f"neodeploy serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
+    from neodeploy.runtime.engine import EngineConfig
+    from neodeploy.runtime.manifest import read_manifest
+
+    read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
+                          prefill_chunk=args.prefill_chunk)
+    api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
+    options = ServeOptions(Path(args.artifact), args.model_name, api_key, config, args.skip_check, args.backend,
+                           args.grace_period)
+    return run(options, args.host, args.port)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from neodeploy.runtime import load
     from neodeploy.runtime.check import run_check, table, write_junit, write_report
@@ -430,6 +451,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--backend", default=None, help="onnxruntime (default)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-running", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
+    p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
+                   "default max_context per slot")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (default 256)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set NEODEPLOY_API_KEY)")
+    p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
+    p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="replay golden.npz with the runtime alone; exit 1 on drift (a CI gate)")
     p.add_argument("artifact")

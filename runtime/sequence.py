@@ -29,6 +29,7 @@ class Delta:
     text: str
     sample: Sample | None = None
     finish_reason: str | None = None
+    kept: bool = False  # the token is part of the output (not a stop id)
 
 
 class Sequence:
@@ -55,7 +56,7 @@ class Sequence:
             self.samples.append(sample)
         if not self.text.done and self.steps >= self.params.max_new_tokens:
             piece += self.text.finish("length")
-        return Delta(sample.token, piece, sample, self.text.finish_reason)
+        return Delta(sample.token, piece, sample, self.text.finish_reason, len(self.text.output_ids) > kept)
 
     def cancel(self, reason: str = "cancelled") -> Delta:
         return Delta(None, self.text.finish(reason), None, self.text.finish_reason)

@@ -1,0 +1,57 @@
+"""Chat templates rendered as transformers renders them, in Jinja's sandbox (a template is checkpoint data, never
+code we run: the sandbox refuses attribute access to internals, as transformers' own environment does)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from neodeploy.errors import UsageError
+
+
+class TemplateError(UsageError):
+    """The artifact's chat template cannot render these messages."""
+
+
+def read_chat_template(artifact: Path) -> str | None:
+    path = artifact / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str | None, eos_token: str | None):
+        from jinja2 import TemplateError as JinjaError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
+            x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(source)
+        except JinjaError as exc:
+            raise UsageError(f"the artifact's chat template does not parse ({exc}); fix tokenizer_config.json") from exc
+        self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+        self._error = JinjaError
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+                                        eos_token=self.eos_token)
+        except TemplateError:
+            raise
+        except self._error as exc:
+            raise TemplateError(f"the chat template failed on these messages: {exc}") from exc

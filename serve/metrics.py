@@ -1,0 +1,54 @@
+"""Prometheus metrics of one server (its own registry, so two apps in one process never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from neodeploy.runtime.engine import EngineObserver
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics(EngineObserver):
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("neodeploy_requests", "Finished requests by outcome (stop, length, cancelled, error, "
+                                "rejected_overloaded, rejected_invalid, rejected_unavailable)", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("neodeploy_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("neodeploy_generation_tokens", "Generated tokens", registry=r)
+        self.running = Gauge("neodeploy_running_requests", "Sequences being prefilled or decoded", registry=r)
+        self.waiting = Gauge("neodeploy_waiting_requests", "Requests queued for a slot", registry=r)
+        self.ttft = Histogram("neodeploy_time_to_first_token_seconds", "Submit to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("neodeploy_inter_token_latency_seconds", "Between consecutive tokens of a request",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("neodeploy_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS, registry=r)
+        self.step_seconds = Histogram("neodeploy_step_seconds", "Time of one decode step", buckets=LATENCY_BUCKETS,
+                                      registry=r)
+
+    def watch(self, engine) -> None:
+        self.running.set_function(lambda: engine.running)
+        self.waiting.set_function(lambda: engine.waiting)
+
+    # EngineObserver, called from the engine thread
+    def step(self, batch_size: int, seconds: float) -> None:
+        self.batch.observe(batch_size)
+        self.step_seconds.observe(seconds)
+
+    def token(self, handle, first: bool, seconds: float) -> None:
+        (self.ttft if first else self.itl).observe(seconds)
+        if first:
+            self.prompt_tokens.inc(len(handle.prompt_ids))
+
+    def finished(self, handle, reason: str) -> None:
+        outcome = {"eos": "stop"}.get(reason, reason)
+        self.requests.labels(outcome).inc()
+        self.generated_tokens.inc(len(handle.sequence.text.output_ids))
+
+    def rejected(self, why: str) -> None:
+        self.requests.labels(f"rejected_{why}").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
