@@ -210,6 +210,7 @@ class Engine:
         self._lock = threading.Condition()
         self._closing = False
         self._next_id = 0
+        self._active = 0  # submitted and not finished
         self._held = False  # the backend's lock, for exclusive backends, while a request runs
         self._thread = threading.Thread(target=self._loop, name="neodeploy-engine", daemon=True)
         self._thread.start()
@@ -238,10 +239,12 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise ClosedError("the engine is shutting down and takes no new requests")
-            free = self.max_running - len(self._running) - len(self._prefilling)
-            if len(self._waiting) >= self.config.max_waiting + max(free, 0):
-                raise OverloadedError(f"{len(self._waiting)} requests are already waiting (max_waiting "
-                                      f"{self.config.max_waiting}); retry later")
+            # Counted over unfinished requests, not the loop's lists: a request that just finished leaves its
+            # slot before the loop has retired its row.
+            if self._active >= self.max_running + self.config.max_waiting:
+                raise OverloadedError(f"{self.max_running} running and {self.config.max_waiting} waiting requests "
+                                      "fill the engine (max_running + max_waiting); retry later")
+            self._active += 1
             self._next_id += 1
             handle = Handle(self, self._next_id, sequence)
             self._waiting.append(_Entry(handle))
@@ -378,12 +381,18 @@ class Engine:
             handle._push(delta)
 
     def _finish(self, entry: _Entry, delta: Delta) -> None:
+        self._release()
         entry.handle._push(delta)
         self.observer.finished(entry.handle, delta.finish_reason or "error")
         entry.handle._push(_END)
 
+    def _release(self) -> None:
+        with self._lock:
+            self._active -= 1
+
     def _fail(self, entries: list[_Entry], exc: BaseException) -> None:
         for entry in entries:
+            self._release()
             entry.handle.error = exc if isinstance(exc, NeodeployError) else RuntimeError(f"generation failed: {exc}")
             entry.handle.sequence.text.finish("error")
             self.observer.finished(entry.handle, "error")

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import signal
 import sys
 import threading
 import time
@@ -340,6 +341,10 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_le
             if state.status == "ready":
                 state.status = "draining"
             super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after its graceful shutdown (the process would die of SIGTERM):
+            # a drain that completed is a clean exit, status 0.
+            if sig == signal.SIGTERM:
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=options.grace_period,
                             access_log=False, lifespan="on")

@@ -1,0 +1,194 @@
+"""The continuous-batching engine: every request yields what Model.generate yields for it alone."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import tiny_neo, tiny_neox
+from neodeploy.errors import OverloadedError, UsageError
+from neodeploy.runtime import load
+from neodeploy.runtime.batch import RotaryTable
+from neodeploy.runtime.engine import Engine, EngineConfig, parse_kv_budget
+from neodeploy.runtime.sampling import SamplingParams
+
+# Portable graphs of both families, and CPU-target graphs (in-place cache pool) for GPT-Neo and for GPT-NeoX with
+# rotary inside the kernel (head_dim 64: keys are rotated at their cache index and re-rotated when rows move).
+# The cpu-* names are the ones test_cpu_target exports, so the session exports each once.
+ARTIFACTS = {
+    "portable-neo": ("rt-gpt_neo", tiny_neo, "portable"),
+    "portable-neox": ("rt-gpt_neox", tiny_neox, "portable"),
+    "cpu-neo": ("cpu-neo", tiny_neo, "cpu"),
+    "cpu-neox-rotary-in-kernel": ("cpu-neox-rotary-in-kernel", lambda: tiny_neox(hidden_size=128, num_heads=2), "cpu"),
+}
+
+
+@pytest.fixture(scope="module", params=list(ARTIFACTS))
+def model(request, exported):
+    name, spec, target = ARTIFACTS[request.param]
+    return load(exported(name, spec(), target=target)[1])
+
+
+def _requests(count, seed=0):
+    rng = random.Random(seed)
+    return [([rng.randrange(1, 300) for _ in range(rng.randint(1, 40))], rng.randint(1, 20)) for _ in range(count)]
+
+
+def test_24_staggered_greedy_requests_equal_each_alone(model):
+    """Prompts of 1..40 tokens, budgets 1..20, five slots, prefill chunks of 16: rows join mid-decode, wait for a
+    slot, leave at different steps, and long prompts are prefilled over several step boundaries."""
+    requests = _requests(24)
+    engine = Engine(model, EngineConfig(max_running=5, prefill_chunk=16))
+    handles = []
+
+    def submit_all():
+        rng = random.Random(1)
+        for prompt, n in requests:
+            handles.append(engine.submit(prompt, max_new_tokens=n))
+            time.sleep(rng.random() * 0.004)
+
+    submitter = threading.Thread(target=submit_all)
+    submitter.start()
+    submitter.join(60)
+    try:
+        results = [h.result(timeout=120) for h in handles]
+    finally:
+        engine.close()
+    assert len(results) == 24
+    for (prompt, n), got in zip(requests, results):
+        want = model.generate(prompt, max_new_tokens=n)[0]
+        assert (got.output_ids, got.finish_reason, got.text) == (want.output_ids, want.finish_reason, want.text)
+        assert got.prompt_ids == prompt
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model):
+    opts = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2)
+    requests = _requests(6, seed=3)
+    engine = Engine(model, EngineConfig(max_running=4))
+    try:
+        handles = [engine.submit(p, seed=i, **opts) for i, (p, _) in enumerate(requests)]
+        got = [h.result(timeout=60).output_ids for h in handles]
+    finally:
+        engine.close()
+    want = [model.generate(p, seed=i, **opts)[0].output_ids for i, (p, _) in enumerate(requests)]
+    assert got == want
+    assert len({tuple(g) for g in got}) > 1
+
+
+def test_streamed_deltas_join_to_the_text_and_logprobs_are_log_softmax(model):
+    engine = Engine(model, EngineConfig(max_running=2))
+    try:
+        handle = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=6, logprobs=3))
+        deltas = list(handle)
+    finally:
+        engine.close()
+    result = handle.result()
+    assert "".join(d.text for d in deltas) == result.text
+    assert deltas[-1].finish_reason == result.finish_reason and all(d.finish_reason is None for d in deltas[:-1])
+    assert [s.token for s in result.logprobs] == result.output_ids
+    for s in result.logprobs:
+        assert s.top[0][0] == s.token  # greedy: the sampled token is the most likely one
+        assert s.logprob <= 0 and [lp for _, lp in s.top] == sorted((lp for _, lp in s.top), reverse=True)
+
+
+def test_cancel_frees_the_slot_and_the_queue_limit_raises(exported):
+    model = load(exported("rt-gpt_neox", tiny_neox())[1])
+    engine = Engine(model, EngineConfig(max_running=1, max_waiting=1))
+    try:
+        long = engine.submit([1, 2, 3], max_new_tokens=100)
+        first = next(iter(long))
+        assert first.token is not None
+        queued = engine.submit([4, 5], max_new_tokens=3)
+        with pytest.raises(OverloadedError, match="max_running \\+ max_waiting"):
+            engine.submit([6], max_new_tokens=3)
+        long.cancel()
+        assert long.result(timeout=30).finish_reason == "cancelled"
+        assert len(long.result().output_ids) < 100
+        assert queued.result(timeout=30).output_ids == model.generate([4, 5], max_new_tokens=3)[0].output_ids
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0 and engine.waiting == 0
+    finally:
+        engine.close()
+
+
+class _Faulty:
+    """The real backend, except that a prefill whose first token is 13 fails."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+    def prefill(self, ids, mask, pos, capacity=None):
+        if ids[0, 0] == 13:
+            raise RuntimeError("injected fault")
+        return self._backend.prefill(ids, mask, pos, capacity)
+
+
+def test_a_failing_request_leaves_the_others_running(exported):
+    model = load(exported("cpu-neo", tiny_neo(), target="cpu")[1])
+    want = [model.generate(p, max_new_tokens=n)[0].output_ids for p, n in _requests(4, seed=9)]
+    model.backend = _Faulty(model.backend)
+    engine = Engine(model, EngineConfig(max_running=3))
+    try:
+        good = [engine.submit(p, max_new_tokens=n) for p, n in _requests(4, seed=9)[:2]]
+        bad = engine.submit([13, 1, 2], max_new_tokens=5)
+        good += [engine.submit(p, max_new_tokens=n) for p, n in _requests(4, seed=9)[2:]]
+        with pytest.raises(RuntimeError, match="injected fault"):
+            bad.result(timeout=30)
+        assert [h.result(timeout=30).output_ids for h in good] == want
+    finally:
+        engine.close()
+
+
+def test_limits_and_budgets_are_checked_at_submit(exported):
+    model = load(exported("rt-gpt_neox", tiny_neox())[1])  # max_context 128
+    per_token = 2 * 2 * 64 * 4
+    assert parse_kv_budget("4096", model.manifest) == 4096
+    assert parse_kv_budget(f"{per_token * 300}B", model.manifest) == 300
+    assert parse_kv_budget("1MiB", model.manifest) == 2**20 // per_token
+    for bad in ("lots", "0", "-5", "1.5", "3 parsecs"):
+        with pytest.raises(UsageError):
+            parse_kv_budget(bad, model.manifest)
+    engine = Engine(model, EngineConfig(max_running=4, kv_budget=200))  # 50 tokens per sequence
+    try:
+        assert engine.capacity == 50 and engine.kv_bytes == 4 * 50 * per_token
+        with pytest.raises(UsageError, match="per-sequence KV budget of 50"):
+            engine.submit(list(range(1, 41)), max_new_tokens=11)
+        with pytest.raises(UsageError, match="outside the vocabulary"):
+            engine.submit([999], max_new_tokens=1)
+        with pytest.raises(UsageError, match="temperature"):
+            engine.submit([1], max_new_tokens=1, temperature=-1)
+        assert engine.generate(list(range(1, 41)), max_new_tokens=10).finish_reason in ("length", "eos")
+    finally:
+        engine.close()
+    with pytest.raises(UsageError, match="max_running"):
+        EngineConfig(max_running=0)
+
+
+def test_rotary_table_moves_keys_like_rotating_at_the_new_index():
+    """Rotating at index p then shifting by s equals rotating at p + s (the kernel's own cos/sin recipe)."""
+    table = RotaryTable(16, 10000.0)
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((1, 2, 40, 32)).astype(np.float32)
+
+    def rotated_at(offset):
+        out = raw.copy()
+        cos, sin = table._cos_sin(np.arange(40) + offset)
+        x1, x2 = raw[..., :8], raw[..., 8:16]
+        out[..., :8], out[..., 8:16] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return out
+
+    moved = np.zeros((1, 2, 60, 32), np.float32)
+    moved[:, :, 20:60] = rotated_at(0)
+    table.shift(moved, 20, 60, 20)
+    np.testing.assert_allclose(moved[:, :, 20:60], rotated_at(20), atol=2e-5)
+    np.testing.assert_array_equal(moved[..., 16:][:, :, 20:], raw[..., 16:])  # beyond the rotary dims: untouched
