@@ -239,9 +239,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
                           prefill_chunk=args.prefill_chunk)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
-    options = ServeOptions(Path(args.artifact), args.model_name, api_key, config, args.skip_check, args.backend,
-                           args.grace_period)
+    options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
+                           config, args.skip_check, args.backend, args.grace_period)
+    if args.ray:
+        from neodeploy.serve import ray as ray_serve
+
+        scaling = ray_serve.Scaling(args.replicas or 1, ray_serve.parse_autoscale(args.autoscale), args.cpus_per_replica)
+        if args.replicas and args.autoscale:
+            raise UsageError("give --replicas or --autoscale, not both")
+        return ray_serve.run(options, scaling, args.host, args.port, args.address)
+    if args.replicas or args.autoscale or args.address or args.cpus_per_replica:
+        raise UsageError("--replicas, --autoscale, --address and --cpus-per-replica need --ray")
     return run(options, args.host, args.port)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    try:
+        from neodeploy.serve import bench
+    except ImportError as exc:
+        raise UsageError(f"bench-serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
+    concurrency = _int_list(args.concurrency)
+    report = bench.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
+                               args.prompt, args.new_tokens, not args.no_baseline, args.max_running)
+    print(bench.table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        bench.plot(report, Path(args.plot))
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -466,7 +491,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each run their own engine")
+    p.add_argument("--replicas", type=int, help="with --ray: replicas across the cluster (default 1)")
+    p.add_argument("--autoscale", help="with --ray: MIN:MAX replicas, scaled on ongoing requests per replica")
+    p.add_argument("--address", help="with --ray: join this cluster (default: start a local Ray on 127.0.0.1)")
+    p.add_argument("--cpus-per-replica", type=float, help="with --ray: CPUs (and onnxruntime threads) per replica "
+                   "(default: this machine's cores / replicas)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench-serve", help="throughput and latency of a server at several concurrencies vs Model.generate")
+    p.add_argument("artifact", nargs="?", help="serve this artifact here (and run the in-process baseline on it)")
+    p.add_argument("--url", help="an OpenAI-compatible server to measure instead (llama.cpp's server, another peer)")
+    p.add_argument("--model-name", help="the model id to send with --url (default: the first of /v1/models)")
+    p.add_argument("--api-key", help="the key for --url")
+    p.add_argument("--concurrency", default="1,4,8,16")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-running", type=int, help="the started server's --max-running (default: the top concurrency)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the Model.generate threads baseline")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--plot", help="write a PNG chart here")
+    p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("check", help="replay golden.npz with the runtime alone; exit 1 on drift (a CI gate)")
     p.add_argument("artifact")

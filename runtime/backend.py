@@ -219,7 +219,8 @@ def kernel_rotary(spec: dict):
     return RotaryTable(dims, spec["rotary_base"], factor)
 
 
-def create_backend(name: str | None, artifact: Path, manifest: dict, providers: list[str] | None = None) -> Backend:
+def create_backend(name: str | None, artifact: Path, manifest: dict, providers: list[str] | None = None,
+                   threads: int | None = None) -> Backend:
     spec = manifest["spec"]
     head_dim = spec["hidden_size"] // spec["num_heads"]
     kv_dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
@@ -227,7 +228,7 @@ def create_backend(name: str | None, artifact: Path, manifest: dict, providers: 
     if name in ("onnxruntime", "ort"):
         in_place = manifest["onnx"].get("kv_cache") == "in-place"
         return OrtBackend(artifact / manifest["onnx"]["file"], spec["num_layers"], spec["num_heads"], head_dim,
-                          kv_dtype, providers, in_place=in_place, kernel_rotary=kernel_rotary(spec) if in_place else None)
+                          kv_dtype, providers, threads, in_place=in_place, kernel_rotary=kernel_rotary(spec) if in_place else None)
     if name in ("tensorrt", "trt"):
         from neodeploy.runtime.trt_backend import TensorRTBackend
 

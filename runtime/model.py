@@ -38,6 +38,10 @@ class Stream:
             if delta.text:
                 yield delta.text
 
+    def deltas(self) -> Iterator[Delta]:
+        """Per token (text pieces may merge several tokens or hold one back): what benchmarks time."""
+        return self._deltas
+
     @property
     def finish_reason(self) -> str | None:
         return self.sequence.text.finish_reason
@@ -167,7 +171,7 @@ class Model:
 
 
 def load(artifact_dir: str | Path, backend: str | None = None, providers: list[str] | None = None,
-         verify: bool = True) -> Model:
+         verify: bool = True, threads: int | None = None) -> Model:
     """Load an artifact folder. Checks the manifest's format version and the sha256 of each file it reads."""
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
@@ -180,5 +184,5 @@ def load(artifact_dir: str | Path, backend: str | None = None, providers: list[s
     if verify:
         verify_files(artifact, manifest, onnx_files + tokenizer_files)
     tokenizer = Tokenizer.from_dir(artifact) if tokenizer_files else None
-    return Model(artifact, manifest, create_backend(backend, artifact, manifest, providers), tokenizer)
+    return Model(artifact, manifest, create_backend(backend, artifact, manifest, providers, threads), tokenizer)
 

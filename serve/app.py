@@ -11,7 +11,9 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,6 +43,8 @@ class ServeOptions:
     skip_check: bool = False
     backend: str | None = None
     grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
+    threads: int | None = None  # onnxruntime intra-op threads (default: onnxruntime's, all cores)
+    replica: str | None = None  # sent back as X-Neodeploy-Replica (Ray sets it per replica)
 
     @property
     def name(self) -> str:
@@ -65,7 +69,7 @@ class ServerState:
 
         options = self.options
         try:
-            model = load(options.artifact, backend=options.backend)
+            model = load(options.artifact, backend=options.backend, threads=options.threads)
             if options.skip_check:
                 self.check = {"skipped": True}
             else:
@@ -112,13 +116,22 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
     state = state or ServerState(options)
 
     async def lifespan(app):
-        threading.Thread(target=state.load, name="neodeploy-load", daemon=True).start()
+        if state.status == "loading":  # not already loaded by the caller (Ray replicas load before they join)
+            threading.Thread(target=state.load, name="neodeploy-load", daemon=True).start()
         yield
         if state.engine is not None:
             await asyncio.to_thread(state.engine.close, options.grace_period)
 
     app = FastAPI(title="neodeploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.neodeploy = state
+
+    replica = options.replica or f"{socket.gethostname()}:{os.getpid()}"
+
+    @app.middleware("http")
+    async def tag(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Neodeploy-Replica"] = replica  # which replica served it: see the spread behind a proxy
+        return response
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
@@ -259,7 +272,7 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
                 async for delta in handle:
                     samples = [delta.sample] if req.logprobs is not None and delta.kept else []
                     finish = _finish(delta.finish_reason) if delta.finish_reason else None
-                    if delta.text or samples or finish:
+                    if delta.text or delta.kept or finish:  # one chunk per token, even while its text is held back
                         yield chunk([_choice(req, index, delta.text, finish, samples,
                                              [delta.token] if samples else [], streaming=True)])
             if req.include_usage:

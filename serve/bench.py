@@ -1,0 +1,238 @@
+"""`neodeploy bench-serve`: a fixed request set against an OpenAI-compatible server at several concurrencies.
+
+Generated tokens/s, time to first token and inter-token latency (p50 / p99) per concurrency, against our own
+server (started here on 127.0.0.1 unless --url names one: llama.cpp's server or any other peer is measured with
+the same client), and, in the same alternating run, the baseline: the same requests as concurrent threads
+calling `Model.generate` on one loaded model (what embedding the runtime did before the engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from neodeploy.errors import UsageError
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _summary(name: str, concurrency: int, wall: float, records: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in records)
+    ttft = [r["ttft"] for r in records]
+    itl = [g for r in records for g in r["gaps"]]
+    return {"system": name, "concurrency": concurrency, "requests": len(records), "tokens": tokens,
+            "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50_ms": round(_pct(ttft, 50) * 1e3, 1), "ttft_p99_ms": round(_pct(ttft, 99) * 1e3, 1),
+            "itl_p50_ms": round(_pct(itl, 50) * 1e3, 2), "itl_p99_ms": round(_pct(itl, 99) * 1e3, 2)}
+
+
+async def _one(client, url: str, model: str, prompt: list[int], new_tokens: int, headers: dict) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    stamps = []
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise UsageError(f"{url} answered {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                choice = (event.get("choices") or [{}])[0]
+                # One chunk per token (ours and llama.cpp's); a closing chunk with only a finish reason is no token.
+                if "text" in choice and (choice["text"] or not choice.get("finish_reason")):
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        raise UsageError(f"{url} streamed no text for a request; is it an OpenAI-compatible completions server?")
+    return {"ttft": stamps[0] - start, "gaps": list(np.diff(stamps)), "tokens": len(stamps)}
+
+
+def run_server_level(url: str, model: str, prompts: list[list[int]], new_tokens: int, concurrency: int,
+                     api_key: str | None) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def go():
+        gate = asyncio.Semaphore(concurrency)
+        limits = httpx.Limits(max_connections=concurrency + 2)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            async def guarded(p):
+                async with gate:
+                    return await _one(client, url, model, p, new_tokens, headers)
+
+            start = time.perf_counter()
+            records = await asyncio.gather(*(guarded(p) for p in prompts))
+            return time.perf_counter() - start, records
+
+    wall, records = asyncio.run(go())
+    return _summary("server", concurrency, wall, records)
+
+
+def run_baseline_level(model, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
+    """Concurrent threads each calling Model.generate (streamed, to time the first token) on one shared model."""
+    from neodeploy.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, stop=())
+    queue = list(enumerate(prompts))
+    lock = threading.Lock()
+    records: list[dict] = []
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                _, prompt = queue.pop()
+            start = time.perf_counter()
+            stamps = []
+            stream = model.stream(prompt, params)
+            for _ in stream.deltas():
+                stamps.append(time.perf_counter())
+            with lock:
+                records.append({"ttft": stamps[0] - start, "gaps": list(np.diff(stamps)), "tokens": len(stamps)})
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _summary("baseline", concurrency, time.perf_counter() - start, records)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(artifact: Path, max_running: int, max_waiting: int, echo) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "neodeploy", "serve", str(artifact), "--port", str(port),
+                             "--max-running", str(max_running), "--max-waiting", str(max_waiting),
+                             "--model-name", "bench"], stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "NEODEPLOY_API_KEY"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UsageError(f"the server exited ({proc.returncode}): {proc.stderr.read().strip().splitlines()[-1:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                echo(f"server ready at {url}")
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise UsageError("the server did not become ready within 600 s")
+
+
+def bench_serve(artifact: str | Path | None, url: str | None = None, model_name: str | None = None,
+                api_key: str | None = None, concurrency: list[int] = (1, 4, 8, 16), requests: int = 64,
+                prompt_len: int = 128, new_tokens: int = 64, baseline: bool = True, max_running: int | None = None,
+                echo=print) -> dict:
+    from neodeploy.runtime import load
+
+    if not artifact and not url:
+        raise UsageError("give an ARTIFACT (its server is started here) or --url of a running server")
+    if any(c < 1 for c in concurrency) or requests < 1 or prompt_len < 1 or new_tokens < 1:
+        raise UsageError("concurrency, requests, prompt and new tokens must be positive")
+    model = load(artifact) if artifact else None
+    vocab = model.vocab_size if model else 50000
+    if model and prompt_len + new_tokens > model.max_context:
+        raise UsageError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the artifact's context {model.max_context}")
+    rng = np.random.default_rng(0)
+    eos = model.eos_token_id if model else None
+    prompts = []
+    for _ in range(requests):
+        ids = rng.integers(1, vocab, prompt_len)
+        prompts.append([int(i) if i != eos else 1 for i in ids])
+    proc = None
+    if url is None:
+        proc, url = _start_server(Path(artifact), max_running or max(concurrency), requests, echo)
+        model_name = "bench"
+    elif model_name is None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        model_name = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+    rows = []
+    try:
+        run_server_level(url, model_name, prompts[:2], 4, 2, api_key)  # warm-up
+        for c in concurrency:
+            rows.append(run_server_level(url, model_name, prompts, new_tokens, c, api_key))
+            echo(_line(rows[-1]))
+            if baseline and model is not None:
+                rows.append(run_baseline_level(model, prompts, new_tokens, c))
+                echo(_line(rows[-1]))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report = {"artifact": str(artifact) if artifact else None, "url": url, "requests": requests,
+              "prompt": prompt_len, "new_tokens": new_tokens, "load_average": load_avg, "rows": rows}
+    for c in concurrency:
+        server = next((r for r in rows if r["system"] == "server" and r["concurrency"] == c), None)
+        base = next((r for r in rows if r["system"] == "baseline" and r["concurrency"] == c), None)
+        if server and base:
+            server["speedup_vs_baseline"] = round(server["tokens_per_s"] / base["tokens_per_s"], 2)
+    return report
+
+
+def _line(r: dict) -> str:
+    return (f"{r['system']:<9} c={r['concurrency']:<3} {r['tokens_per_s']:>8.1f} tok/s  TTFT p50/p99 "
+            f"{r['ttft_p50_ms']:>8.1f} / {r['ttft_p99_ms']:>8.1f} ms  ITL p50/p99 {r['itl_p50_ms']:>7.2f} / "
+            f"{r['itl_p99_ms']:>7.2f} ms  ({r['requests']} requests, {r['seconds']} s)")
+
+
+def table(report: dict) -> str:
+    lines = ["| system | concurrency | tokens/s | × baseline | TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['system']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+                     f"{r.get('speedup_vs_baseline', '')}{'×' if 'speedup_vs_baseline' in r else ''} | "
+                     f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for system in ("server", "baseline"):
+        rows = [r for r in report["rows"] if r["system"] == system]
+        if rows:
+            xs = [r["concurrency"] for r in rows]
+            axes[0].plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=system)
+            axes[1].plot(xs, [r["ttft_p99_ms"] / 1e3 for r in rows], marker="o", label=system)
+    axes[0].set(xlabel="concurrent clients", ylabel="generated tokens / s", title="throughput")
+    axes[1].set(xlabel="concurrent clients", ylabel="TTFT p99 (s)", title="time to first token")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['artifact'] or report['url']}: {report['requests']} requests, prompt {report['prompt']}, "
+                 f"{report['new_tokens']} new tokens", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
