@@ -74,17 +74,14 @@ class NeodeployRunner(Runner):
         self.backend, self.new_tokens = self.model.backend, new_tokens
 
     def prefill(self, ids):
-        self.mask = np.ones_like(ids)
-        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+        from neodeploy.runtime.batch import DecodeBatch
+
         # As generate() does: the cache is sized for the prompt and the tokens to come.
-        logits, self.state = self.backend.prefill(ids, self.mask, pos, capacity=ids.shape[1] + self.new_tokens)
-        self.token = logits.argmax(-1)[:, None].astype(np.int64)
+        self.batch = DecodeBatch(self.backend)
+        self.token = self.batch.start(ids, np.ones_like(ids), capacity=ids.shape[1] + self.new_tokens).argmax(-1)
 
     def step(self):
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
-        pos = np.full((len(self.mask), 1), self.mask.shape[1] - 1, np.int64)
-        logits, self.state = self.backend.decode(self.token, self.mask, pos, self.state)
-        self.token = logits.argmax(-1)[:, None].astype(np.int64)
+        self.token = self.batch.step(self.token).argmax(-1)
 
 
 class ReferenceRunner(Runner):

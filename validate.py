@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from neodeploy.errors import UsageError
-from neodeploy.runtime.model import Model, position_ids
+from neodeploy.runtime.batch import DecodeBatch, position_ids
+from neodeploy.runtime.model import Model
 
 TOLERANCES = {
     "fp32": {"max_rel_error": 1e-3, "top1_agreement": 0.99, "ppl_ratio": 1e-3},
@@ -66,26 +67,20 @@ class Report:
 
 
 def _runtime_step_logits(model: Model, ids: list[int], tokens: list[int]) -> np.ndarray:
-    mask = np.ones((1, len(ids)), np.int64)
-    logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask),
-                                          capacity=len(ids) + len(tokens))
-    out = [logits[0]]
+    """Teacher-forced: the logits before each of `tokens`, fed the reference's own tokens."""
+    batch = DecodeBatch(model.backend)
+    out = [batch.prefill([ids], model.pad_token_id, capacity=len(ids) + len(tokens))[0]]
     for token in tokens[:-1]:
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, state = model.backend.decode(np.array([[token]], np.int64), mask, position_ids(mask)[:, -1:], state)
-        out.append(logits[0])
+        out.append(batch.step(np.array([token]))[0])
     return np.stack(out)
 
 
 def _runtime_greedy(model: Model, ids: list[int], n: int) -> list[int]:
     """Free-running greedy through the backend, n tokens, no stop on eos (the reference's loop does the same)."""
-    mask = np.ones((1, len(ids)), np.int64)
-    logits, state = model.backend.prefill(np.array([ids], np.int64), mask, position_ids(mask), capacity=len(ids) + n)
-    out = [int(logits[0].argmax())]
+    batch = DecodeBatch(model.backend)
+    out = [int(batch.prefill([ids], model.pad_token_id, capacity=len(ids) + n)[0].argmax())]
     while len(out) < n:
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits, state = model.backend.decode(np.array([[out[-1]]], np.int64), mask, position_ids(mask)[:, -1:], state)
-        out.append(int(logits[0].argmax()))
+        out.append(int(batch.step(np.array([out[-1]]))[0].argmax()))
     return out
 
 

@@ -70,6 +70,10 @@ class InPlaceCache:
 
     def __init__(self, ort, count: int, shape: tuple[int, int, int, int], dtype):
         self.arrays = [np.zeros(shape, dtype=dtype) for _ in range(count)]
+        for a in self.arrays:
+            # Fault the pages in now: np.zeros maps them lazily, and with transparent huge pages the first write to
+            # each row of a large pool would zero ~150 MB mid-serving (measured: 330 ms per row joining, pythia-160m).
+            a.fill(0)
         self._ort = ort
         self.rows = shape[0]
         self._values: tuple[int, list[Any]] | None = None

@@ -94,8 +94,12 @@ class DecodeBatch:
         """Start from prompts; returns last-position logits [rows, vocab], or None when `chunk` leaves part of a
         single prompt for `advance` (long prompts are run in chunks so other rows' steps can interleave)."""
         ids, mask = left_pad(prompts, pad_id)
+        return self.start(ids, mask, capacity, chunk)
+
+    def start(self, ids: np.ndarray, mask: np.ndarray, capacity: int, chunk: int | None = None) -> np.ndarray | None:
+        """prefill() from ready-made left-padded arrays (golden cases carry their own)."""
         if chunk and ids.shape[1] > chunk:
-            if len(prompts) != 1:
+            if ids.shape[0] != 1:
                 raise UsageError("chunked prefill takes one prompt at a time")
             self.pending = ids[:, chunk:]
             ids, mask = ids[:, :chunk], mask[:, :chunk]
@@ -171,9 +175,11 @@ class DecodeBatch:
         drop = int(old_width - self.lengths.max()) if len(rows) else old_width
         if self.capacity_rows:
             if self.state is not None:
-                pool = self.backend.cache_arrays(self.state, self.capacity_rows, self.capacity)
-                for p in pool:
-                    p[: len(rows)] = p[rows]
+                pool = self.backend.cache_arrays(self.state, self.capacity_rows, old_width)  # filled columns only
+                moved = [(i, int(r)) for i, r in enumerate(rows) if i != r]
+                if moved:  # ascending targets from rows in their old order: a row is never overwritten before it moves
+                    for p in pool:
+                        p[[i for i, _ in moved]] = p[[r for _, r in moved]]
                 self._shift(pool, len(rows), old_width, -drop)
                 self.backend.set_rows(self.state, len(rows))
         elif len(rows):

@@ -17,7 +17,8 @@ import numpy as np
 
 from neodeploy.errors import ArtifactError
 from neodeploy.runtime.manifest import verify_files
-from neodeploy.runtime.model import Model, position_ids
+from neodeploy.runtime.batch import DecodeBatch
+from neodeploy.runtime.model import Model
 
 GOLDEN = "golden.npz"
 
@@ -55,15 +56,16 @@ def run_check(model: Model) -> list[CheckResult]:
         ids, mask = golden[f"{name}/input_ids"], golden[f"{name}/attention_mask"]
         want_tokens, want_last = golden[f"{name}/tokens"], golden[f"{name}/last_logits"]
         topk_ids, topk_logits = golden[f"{name}/topk_ids"], golden[f"{name}/topk_logits"]
-        limits = {"batch": (getattr(model.backend, "max_batch", None), ids.shape[0]),
-                  "prompt": (getattr(model.backend, "max_prompt", None), ids.shape[1]),
-                  "context": (getattr(model.backend, "max_context", None), ids.shape[1] + want_tokens.shape[1])}
+        limits = {"batch": (model.backend.max_batch, ids.shape[0]),
+                  "prompt": (model.backend.max_prompt, ids.shape[1]),
+                  "context": (model.backend.max_context, ids.shape[1] + want_tokens.shape[1])}
         outside = [f"{what} {value} > {limit}" for what, (limit, value) in limits.items() if limit and value > limit]
         if outside:  # an engine built for a narrower profile cannot run this case: say so, do not abort the gate
             results.append(CheckResult(name, ids.shape[0], float("nan"), float("nan"), tolerance, 0, 0, True, 0.0,
                                        skipped="outside the engine's profile: " + ", ".join(outside)))
             continue
-        logits, state = model.backend.prefill(ids, mask, position_ids(mask), capacity=ids.shape[1] + want_tokens.shape[1])
+        batch = DecodeBatch(model.backend)
+        logits = batch.start(ids, mask, capacity=ids.shape[1] + want_tokens.shape[1])
         scale = float(golden[f"{name}/scale"]) if f"{name}/scale" in golden else float(np.abs(want_last).max())
         err = float(np.abs(logits - want_last).max())
         failures = []
@@ -86,9 +88,7 @@ def run_check(model: Model) -> list[CheckResult]:
             if diverged or step == steps - 1:
                 break
             # Teacher-forced: feed the reference's tokens, so one tie does not derail every later step.
-            forced = want_tokens[:, step : step + 1].astype(np.int64)
-            mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
-            logits, state = model.backend.decode(forced, mask, position_ids(mask)[:, -1:], state)
+            logits = batch.step(want_tokens[:, step].astype(np.int64))
             tokens = logits.argmax(-1)
         if diverged and str(golden["precision"]) == "fp32":  # as at export: lower precisions may fork at a close call
             failures.append(f"greedy tokens diverge from the reference ({agree}/{want_tokens.size} agree)")
