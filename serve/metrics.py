@@ -10,8 +10,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+def outcome(reason: str) -> str:
+    return {"eos": "stop"}.get(reason, reason)
+
+
 class Metrics(EngineObserver):
     def __init__(self):
+        self.mirrors: list[EngineObserver] = []  # e.g. Ray's metrics export, one per replica (serve/ray.py)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("neodeploy_requests", "Finished requests by outcome (stop, length, cancelled, error, "
@@ -36,19 +41,26 @@ class Metrics(EngineObserver):
     def step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size)
         self.step_seconds.observe(seconds)
+        for m in self.mirrors:
+            m.step(batch_size, seconds)
 
     def token(self, handle, first: bool, seconds: float) -> None:
         (self.ttft if first else self.itl).observe(seconds)
         if first:
             self.prompt_tokens.inc(len(handle.prompt_ids))
+        for m in self.mirrors:
+            m.token(handle, first, seconds)
 
     def finished(self, handle, reason: str) -> None:
-        outcome = {"eos": "stop"}.get(reason, reason)
-        self.requests.labels(outcome).inc()
+        self.requests.labels(outcome(reason)).inc()
         self.generated_tokens.inc(len(handle.sequence.text.output_ids))
+        for m in self.mirrors:
+            m.finished(handle, reason)
 
     def rejected(self, why: str) -> None:
         self.requests.labels(f"rejected_{why}").inc()
+        for m in self.mirrors:
+            m.finished(None, f"rejected_{why}")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
