@@ -14,7 +14,15 @@ from neodeploy.errors import NeodeployError, UsageError
 from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
 
 DEFAULT_PRESET = "pythia-14m"
-DEFAULT_PROMPT = "The quick brown fox"
+# Which extra brings which top-level module (pyproject.toml's optional dependencies).
+EXTRAS = {
+    "export": ("torch", "onnx", "onnxscript", "onnxslim", "safetensors", "onnx_ir"),
+    "serve": ("fastapi", "starlette", "uvicorn", "prometheus_client", "jinja2", "httpx"),
+    "ray": ("ray",),
+    "trt": ("tensorrt", "polygraphy", "onnx_graphsurgeon"),
+    "dev": ("transformers", "optimum", "matplotlib"),
+}
+DEFAULT_PROMPT = "Return the"
 
 # make-checkpoint overrides: flag -> ModelSpec field
 OVERRIDES = {
@@ -89,9 +97,49 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _artifact_rows(folder: Path, manifest: dict) -> list[tuple[str, str]]:
+    onnx, verification = manifest.get("onnx") or {}, manifest.get("verification") or {}
+    quant = manifest.get("quantization") or {}
+    files = manifest.get("files") or {}
+    size = sum((folder / name).stat().st_size for name in files if (folder / name).is_file())
+    rows = [("precision", str(manifest.get("precision"))),
+            ("target", onnx.get("target", "portable")),
+            ("quantisation", f"{quant.get('method', quant.get('ops', 'yes'))}" if quant else "none"),
+            ("KV cache", onnx.get("kv_cache", "concatenated (portable)")),
+            ("logits", onnx.get("logits", "all positions")),
+            ("max context", str(manifest.get("max_context"))),
+            ("opset", str(onnx.get("opset", manifest.get("opset")))),
+            ("files", f"{len(files)}, {human_bytes(size)}")]
+    cases = [c for c in verification.get("cases") or [] if isinstance(c, dict)] if isinstance(verification, dict) else []
+    if cases:
+        worst = max(c.get("max_abs_error", 0) / (c.get("scale") or 1) for c in cases)
+        agree = sum(c.get("greedy_agree", 0) for c in cases), sum(c.get("greedy_total", 0) for c in cases)
+        rows.append(("verification at export", f"{len(cases)} golden cases, max |Δlogit| {worst:.2g} x logit scale "
+                     f"(bound {verification.get('tolerance_relative')}), greedy {agree[0]}/{agree[1]}"))
+    if onnx.get("fused"):
+        rows.append(("fused ops", ", ".join(f"{op} x{n}" for op, n in onnx["fused"].items())))
+    if manifest.get("stage_seconds"):
+        rows.append(("export stages", ", ".join(f"{k} {v:g} s" for k, v in manifest["stage_seconds"].items())))
+    engine = manifest.get("engine")
+    rows.append(("TensorRT engine", f"{engine.get('tensorrt')} for {engine.get('gpu')} ({engine.get('profile', {}).get('name') if isinstance(engine.get('profile'), dict) else engine.get('profile')})"
+                 if isinstance(engine, dict) else "none (neodeploy build-engine)"))
+    return rows
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.preset is None):
         raise UsageError("give either a CHECKPOINT folder or --preset NAME")
+    if args.checkpoint and (Path(args.checkpoint) / "neodeploy.json").is_file():  # an artifact: what its manifest knows
+        from neodeploy.runtime.manifest import read_manifest
+
+        manifest = read_manifest(args.checkpoint)
+        spec = ModelSpec.from_dict(manifest["spec"])
+        if args.json:
+            print(json.dumps({**manifest, "num_parameters": spec.num_parameters()}, indent=2))
+            return 0
+        print(f"{args.checkpoint} (neodeploy artifact):")
+        _print_rows(_artifact_rows(Path(args.checkpoint), manifest) + _sizes_table(spec))
+        return 0
     spec = preset(args.preset) if args.preset else load_spec(args.checkpoint)
     if args.json:
         print(json.dumps({**spec.to_dict(), "num_parameters": spec.num_parameters()}, indent=2))
@@ -214,12 +262,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for prompt, result in zip(prompts, model.generate(inputs, **options)):
+    for row, (prompt, result) in enumerate(zip(prompts, model.generate(inputs, **options)), 1):
         if args.json:
             print(json.dumps({"prompt": prompt, "prompt_ids": result.prompt_ids, "output_ids": result.output_ids,
                               "text": result.text, "finish_reason": result.finish_reason}, ensure_ascii=False))
-        else:
+        elif len(prompts) == 1:
             print(result.text if model.tokenizer else " ".join(map(str, result.output_ids)))
+        else:  # several rows: a labelled block each, so a newline inside one output cannot blur the rows
+            body = result.text if model.tokenizer else " ".join(map(str, result.output_ids))
+            print(f"--- [{row}/{len(prompts)}] {prompt!r} ({result.finish_reason})")
+            print(body)
     return 0
 
 
@@ -344,6 +396,12 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from neodeploy.runtime.manifest import read_manifest
 
     manifest = read_manifest(args.artifact)
+    onnx = manifest.get("onnx") or {}
+    if onnx.get("target") == "cpu" or manifest.get("quantization"):
+        what = "a --target cpu export" if onnx.get("target") == "cpu" else "a quantised export"
+        print(f"lint {args.artifact}: FAIL  this is {what} (onnxruntime-only ops); TensorRT builds from a portable fp16 "
+              "export: neodeploy export CHECKPOINT OUT --precision fp16")
+        return 1
     names = [args.profile] if args.profile else shipped()
     passed = True
     for k, name in enumerate(names):
@@ -363,8 +421,38 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _train_demo_model(checkpoint: Path, seconds: float) -> dict:
+    """A byte-level model trained for `seconds` on the stdlib's docstrings: the demo then shows words."""
+    import shutil
+
+    from neodeploy.reference import train as training
+    from neodeploy.runtime.tokenizer import write_tokenizer_files
+
+    spec = training.byte_model_spec()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{checkpoint.name}.", dir=checkpoint.parent))
+    try:
+        write_tokenizer_files(tmp, spec, None)
+        from neodeploy.runtime.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(tmp)
+        data = training.token_stream(lambda text: tokenizer.encode(text), training.stdlib_docstrings(1_000_000))
+        model, stats = training.train(spec, data, steps=100_000, seconds=seconds, lr=6e-3, echo=lambda line: print(" " + line))
+        training.save(model, spec, tmp, stats)
+        from neodeploy.files import normalise_permissions
+
+        normalise_permissions(tmp)
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        tmp.rename(checkpoint)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on a built-in default: no network, no user files."""
+    import shutil
+
     from neodeploy.export import export
     from neodeploy.reference.checkpoint import make_checkpoint
     from neodeploy.runtime import load
@@ -373,38 +461,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from neodeploy.validate import table as validate_table
     from neodeploy.validate import validate
 
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
+    if args.train_seconds <= 0:
+        raise UsageError(f"--train-seconds must be > 0, got {args.train_seconds}")
+    keep = args.workdir is not None
+    workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
-    spec = preset(args.preset)
-    print(f"== 1/5 make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
-    start = time.perf_counter()
-    make_checkpoint(spec, checkpoint, seed=0, overwrite=True)
-    print(f"   {checkpoint} written in {time.perf_counter() - start:.1f} s")
-    print(f"== 2/5 export: {checkpoint} -> {artifact} ({args.precision}), verified in onnxruntime against the reference")
-    export(checkpoint, artifact, precision=args.precision, overwrite=True)
-    print(f"== 3/5 generate: greedy {args.max_new_tokens} tokens from {args.prompt!r} with the runtime (no PyTorch)")
-    model = load(artifact)
-    result = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)[0]
-    print(f"   prompt ids {result.prompt_ids[:12]}{' ...' if len(result.prompt_ids) > 12 else ''}")
-    print(f"   output ids {result.output_ids}  ({result.finish_reason})")
-    print(f"   text       {result.text!r}" + ("  (random weights mostly emit ids beyond the built-in byte tokenizer's "
-                                                 "257 tokens, which decode to nothing)" if not result.text.strip() else ""))
-    print("== 4/5 check: replay golden.npz with the runtime alone")
-    results = run_check(model)
-    print(check_table(results))
-    print("== 5/5 validate: runtime vs the PyTorch reference")
-    report = validate(model, checkpoint, steps=16)
-    print(validate_table(report))
-    ok = all(r.passed for r in results) and report.passed
-    print(f"demo {'complete' if ok else 'FAILED'}: artifact in {artifact} "
-          "(random weights: the text is noise; the pipeline is what is being shown)")
+    try:
+        start = time.perf_counter()
+        if args.preset:
+            spec = preset(args.preset)
+            print(f"== 1/5 make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
+            make_checkpoint(spec, checkpoint, seed=0, overwrite=True)
+        else:
+            print(f"== 1/5 train: a byte-level GPT-NeoX (pythia-14m architecture, 2 layers) on the standard library's "
+                  f"docstrings for {args.train_seconds:g} s")
+            stats = _train_demo_model(checkpoint, args.train_seconds)
+            print(f"   held-out loss {stats['held_out_loss']:.2f} (uniform {stats['uniform_loss']:.2f}) after "
+                  f"{stats['steps']} steps")
+        print(f"   {checkpoint} written in {time.perf_counter() - start:.1f} s")
+        print(f"== 2/5 export: {checkpoint} -> {artifact} ({args.precision}), verified in onnxruntime against the reference")
+        export(checkpoint, artifact, precision=args.precision, overwrite=True)
+        print(f"== 3/5 generate: {args.max_new_tokens} tokens from {args.prompt!r} with the runtime (no PyTorch)")
+        model = load(artifact)
+        greedy = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)[0]
+        sampled = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=0.7, top_k=20,
+                                 repetition_penalty=1.2, seed=0)[0]
+        print(f"   prompt ids {greedy.prompt_ids[:12]}{' ...' if len(greedy.prompt_ids) > 12 else ''}")
+        print(f"   greedy     {args.prompt + greedy.text!r}  ({greedy.finish_reason})")
+        print(f"   sampled    {args.prompt + sampled.text!r}  (temperature 0.7, top-k 20, repetition penalty 1.2, seed 0)")
+        if args.preset:
+            print("   (random weights: the text is noise, and ids beyond the built-in byte tokenizer decode to nothing)")
+        print("== 4/5 check: replay golden.npz with the runtime alone")
+        results = run_check(model)
+        print(check_table(results))
+        print("== 5/5 validate: runtime vs the PyTorch reference")
+        report = validate(model, checkpoint, steps=16)
+        print(validate_table(report))
+        ok = all(r.passed for r in results) and report.passed
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    where = f"checkpoint and artifact kept in {workdir}" if keep else \
+        "temporary folder removed (pass --workdir DIR to keep the checkpoint and the artifact)"
+    print(f"demo {'complete' if ok else 'FAILED'}: {where}")
     return 0 if ok else 1
 
 
 # --------------------------------------------------------------------------------------------- parser
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless the help already names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False and default != []
+                and default is not argparse.SUPPRESS and "default" not in text):
+            text += f" (default: {action.default})"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2, like ours
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -417,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the built-in published architectures with their sizes")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("inspect", help="show the normalised ModelSpec and the memory a model needs")
-    p.add_argument("checkpoint", nargs="?", help="checkpoint folder with config.json")
+    p = sub.add_parser("inspect", help="show the normalised ModelSpec and the memory a model needs (or an artifact's manifest)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder with config.json, or an artifact folder")
     p.add_argument("--preset", help="a preset name instead of a folder")
     p.add_argument("--json", action="store_true", help="print the ModelSpec as JSON")
     p.set_defaults(func=cmd_inspect)
@@ -426,8 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-checkpoint", help="write a random-initialised checkpoint in Hugging Face layout")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("out", help="folder to create")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the weights are stored in")
     p.add_argument("--tokenizer", help="folder with tokenizer files to copy (default: a built-in byte tokenizer)")
     p.add_argument("--format", default="safetensors", choices=["safetensors", "bin"], help="weight file format")
     p.add_argument("--max-shard-size", type=float, default=2.0, metavar="GB", help="shard above this size (default 2)")
@@ -441,9 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("prompt", nargs="?")
     p.add_argument("--ids", help="prompt as token ids instead of text, e.g. '1 2 3'")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to generate")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype the reference runs in (auto: the file's)")
+    p.add_argument("--json", action="store_true", help="print ids and text as JSON")
     p.set_defaults(func=cmd_reference)
 
     p = sub.add_parser("export", help="export a checkpoint to a verified ONNX artifact folder (KV-cache I/O)")
@@ -463,12 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with an exported artifact (no PyTorch needed)")
     p.add_argument("artifact")
     p.add_argument("prompt", nargs="+", help="prompts (several run as one batch); - reads one per line from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens reaching this mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1: off)")
+    p.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-id", action="append", type=int, default=[], help="stop token id (repeatable)")
     p.add_argument("--ids", action="store_true", help="prompts are token ids ('1 2 3'), not text")
@@ -480,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
     p.add_argument("artifact")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-running", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
@@ -490,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="default: onnxruntime")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each run their own engine")
     p.add_argument("--replicas", type=int, help="with --ray: replicas across the cluster (default 1)")
     p.add_argument("--autoscale", help="with --ray: MIN:MAX replicas, scaled on ongoing requests per replica")
@@ -504,10 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="an OpenAI-compatible server to measure instead (llama.cpp's server, another peer)")
     p.add_argument("--model-name", help="the model id to send with --url (default: the first of /v1/models)")
     p.add_argument("--api-key", help="the key for --url")
-    p.add_argument("--concurrency", default="1,4,8,16")
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", default="1,4,8,16", help="concurrent clients, comma-separated")
+    p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per request")
     p.add_argument("--max-running", type=int, help="the started server's --max-running (default: the top concurrency)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Model.generate threads baseline")
     p.add_argument("--json", help="write the report here")
@@ -558,10 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
-    p.add_argument("--preset", default=DEFAULT_PRESET)
-    p.add_argument("--workdir", help="where to write the checkpoint (default: a new temporary folder)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--preset", help="run on a random-initialised published architecture instead of the trained "
+                   "byte-level default")
+    p.add_argument("--train-seconds", type=float, default=30.0, help="training time of the default model (default 30)")
+    p.add_argument("--workdir", help="keep the checkpoint and artifact here (default: a temporary folder, removed)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     p.add_argument("--precision", default="fp32", help="export precision: fp32 or fp16")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -580,6 +706,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neodeploy: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # a stage whose extra is not installed: say which, never a traceback
+        root = (exc.name or "").split(".")[0]
+        extra = next((e for e, modules in EXTRAS.items() if root in modules), None)
+        if extra is None:
+            raise
+        print(f"neodeploy: error: `neodeploy {args.command}` needs the {extra!r} extra ({root} is not installed): "
+              f"pip install 'neodeploy[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from neodeploy.errors import CheckpointError, UsageError
 from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
-from neodeploy.files import check_destination, make_temp_dir
+from neodeploy.files import normalise_permissions, check_destination, make_temp_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -261,6 +261,7 @@ def make_checkpoint(
             (tmp / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config(spec, dtype_name), indent=2) + "\n")
         write_tokenizer_files(tmp, spec, tokenizer_dir)
+        normalise_permissions(tmp)  # safetensors writes 0600 and the rest 0644: one mode, as artifacts have
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

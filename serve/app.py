@@ -165,6 +165,10 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
             return error_response(400, str(exc), "invalid_request_error", getattr(exc, "param", None))
         return error_response(500, str(exc), "server_error")
 
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):  # a failed generation or a bug: still JSON, never HTML
+        return error_response(500, str(exc) or type(exc).__name__, "server_error")
+
     @app.get("/health")
     async def health():
         body = {"status": state.status, "model": options.name, "check": state.check}

@@ -94,11 +94,12 @@ def trained():
     import tempfile
 
     script = ROOT / "scripts" / "train_fixture.py"
+    trainer = ROOT / "reference" / "train.py"
     cache = Path(os.environ.get("NEODEPLOY_CACHE", Path.home() / ".cache" / "neodeploy")) / "fixtures"
 
     def _get(family: str) -> Path:
         tok = tokenizer_dir("gpt-neox-20b" if family == "gpt_neox" else "gpt2")
-        digest = hashlib.sha256(script.read_bytes() + (tok / "tokenizer.json").read_bytes()
+        digest = hashlib.sha256(script.read_bytes() + trainer.read_bytes() + (tok / "tokenizer.json").read_bytes()
                                 + str(FIXTURE_STEPS).encode()).hexdigest()[:16]
         out = cache / f"{family}-{digest}"
         if not (out / "training.json").is_file():

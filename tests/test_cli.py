@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,11 +43,72 @@ def test_inspect_and_presets():
     assert listing.count("\n") == 14 and "gpt-neox-20b" in listing and "82.22 GB" in listing
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    out = run("demo", "--workdir", tmp_path, "--max-new-tokens", 4).stdout
-    assert "demo complete" in out and (tmp_path / "checkpoint" / "model.safetensors").is_file()
-    assert (tmp_path / "artifact" / "neodeploy.json").is_file()
+def test_demo_trains_a_model_that_writes_words_and_keeps_only_what_it_is_told(tmp_path):
+    import re
+    import stat
+
+    from neodeploy.runtime import load
+
+    out = run("demo", "--workdir", tmp_path, "--train-seconds", 12).stdout
+    assert "demo complete" in out and f"kept in {tmp_path}" in out
     assert "validate passed" in out and out.count(" ok") >= 6  # export verification + check tables
+    continuation = load(tmp_path / "artifact").generate("Return the", max_new_tokens=24)[0].text
+    assert re.search(r"[a-z]{2,} +[a-z]{2,}", continuation), continuation  # words and spaces, not noise
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "checkpoint").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors' 0600 normalised like the rest
+    # Random weights on a preset, in a temporary folder the demo removes and says so.
+    out = run("demo", "--preset", "pythia-14m", "--max-new-tokens", 4).stdout
+    workdir = re.search(r"(\S*neodeploy-demo-\w+)/checkpoint written", out).group(1)
+    assert "temporary folder removed" in out and not Path(workdir).exists()
+
+
+def test_every_option_has_help_with_its_default():
+    import argparse
+
+    from neodeploy.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.default is not None and action.default is not False and action.default != []:
+                assert "default" in parser._get_formatter()._get_help_string(action), (name, action.option_strings)
+        assert "TODO" not in text and "XXX" not in text
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, exported):
+    """A base install without torch: the export stages say which extra to install (imports blocked here)."""
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] in ('torch', 'onnx', 'onnxscript', 'onnxslim', 'safetensors'):\n"
+        "        raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        "from neodeploy.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    ckpt, art = (str(p) for p in exported("rt-gpt_neox", tiny_neox()))
+    for args in (["make-checkpoint", "--preset", "pythia-14m", str(tmp_path / "c")], ["export", ckpt, str(tmp_path / "o")],
+                 ["demo", "--preset", "pythia-14m"], ["validate", art, "--reference", ckpt], ["lint", art]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install 'neodeploy[export]'" in lines[0] and "Traceback" not in proc.stderr, lines
+
+
+def test_generate_labels_rows_and_inspect_reads_an_artifact(exported):
+    _, art = exported("rt-gpt_neox", tiny_neox())
+    out = run("generate", art, "first prompt", "second", "--max-new-tokens", 3).stdout
+    assert out.startswith("--- [1/2] 'first prompt'") and "--- [2/2] 'second'" in out
+    text = run("inspect", art).stdout
+    for field in ("precision", "target", "KV cache", "max context", "verification at export", "TensorRT engine"):
+        assert field in text, field
+    assert "fp32" in text and "portable" in text
 
 
 def _broken(tmp_path, kind):
