@@ -12,7 +12,7 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import fuse, graph, verify
+from neodeploy.export import fuse, graph, refcache, verify
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
 from neodeploy.files import check_destination, make_temp_dir, normalise_permissions
@@ -108,6 +108,7 @@ def export(
     block_size: int = 32,
     target: str = "portable",
     echo: Callable[[str], None] = print,
+    reuse_reference: bool = True,
 ) -> Path:
     """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift."""
     import torch
@@ -129,12 +130,18 @@ def export(
         raise ExportError(f"cannot write to {out_dir.resolve().parent} ({exc.strerror}); choose a writable destination") from exc
     try:
         with progress.stage("reference", f"{checkpoint} ({spec.family}, {spec.num_layers} layers): fp32 greedy on golden prompts"):
-            model = load_checkpoint(checkpoint, dtype=torch.float32)
             tokenizer = _tokenizer_or_none(checkpoint)
             cases = verify.golden_cases(spec, tokenizer, max_context)
-            verify.run_reference(model, cases)
-            del model
-            gc.collect()
+            digest = refcache.key(checkpoint, cases, verify.DECODE_STEPS) if reuse_reference else None
+            if digest and refcache.load(digest, cases):
+                echo(f"      reference reused from {refcache.cache_dir()} (same checkpoint files and golden cases)")
+            else:
+                model = load_checkpoint(checkpoint, dtype=torch.float32)
+                verify.run_reference(model, cases)
+                del model
+                gc.collect()
+                if digest:
+                    refcache.save(digest, cases)
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
             graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=cpu,
@@ -167,7 +174,7 @@ def export(
                     f"verification failed on case {failed.name!r} ({'; '.join(failed.notes)}); nothing was published"
                 )
         with progress.stage("write", str(out_dir)):
-            verify.save_golden(tmp / "golden.npz", cases, gate)
+            verify.save_golden(tmp / "golden.npz", cases, gate, results)
             for name in COPIED:
                 if (checkpoint / name).is_file():
                     shutil.copyfile(checkpoint / name, tmp / name)

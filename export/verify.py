@@ -190,8 +190,11 @@ def table(results: list[CaseResult], precision: str) -> str:
     return "\n".join(lines)
 
 
-def save_golden(path: Path, cases: list[Case], precision: str) -> None:
-    """golden.npz: prompts, the reference's greedy tokens, last-position logits and per-step top-k."""
+def save_golden(path: Path, cases: list[Case], precision: str, results: list[CaseResult]) -> None:
+    """golden.npz: prompts, the reference's greedy tokens, last-position logits and per-step top-k, and each case's
+    logit scale exactly as the export's verification computed it (over the positions the graph returns), so
+    `check` applies the very bound the export passed."""
+    scales = {r.name: r.scale for r in results}
     arrays: dict[str, np.ndarray] = {
         "cases": np.array([c.name for c in cases]),
         "precision": np.array(precision),
@@ -206,10 +209,7 @@ def save_golden(path: Path, cases: list[Case], precision: str) -> None:
         arrays[f"{c.name}/last_logits"] = c.step_logits[:, 0].astype(np.float32)
         arrays[f"{c.name}/topk_ids"] = top.astype(np.int64)
         arrays[f"{c.name}/topk_logits"] = np.take_along_axis(c.step_logits, top, -1).astype(np.float32)
-        # The logit scale the export's tolerance was applied to, so check applies the very same bound.
-        real = c.attention_mask.astype(bool)
-        arrays[f"{c.name}/scale"] = np.array(max(float(np.abs(c.prefill_logits[real]).max()),
-                                                 float(np.abs(c.step_logits).max())))
+        arrays[f"{c.name}/scale"] = np.array(scales[c.name])
     with open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
 

@@ -70,6 +70,10 @@ def test_cpu_export_runs_group_query_attention_and_generates_like_the_reference(
     manifest = json.loads((art / "neodeploy.json").read_text())
     spec = SPECS[name]()
     assert manifest["onnx"]["kv_cache"] == "in-place"
+    # One bound: check's logit scale is the one the export judged (the last position only, on this graph).
+    with np.load(art / "golden.npz") as golden:
+        for case in manifest["verification"]["cases"]:
+            assert float(golden[f"{case['name']}/scale"]) == pytest.approx(case["scale"], rel=1e-6)
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == spec.num_layers and ops["Softmax"] == 0

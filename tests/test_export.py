@@ -257,3 +257,27 @@ def test_int8_quantises_a_tied_lm_head(tmp_path):
     assert manifest["quantization"]["quantized_matmuls"] == 3 * 6 + 1  # q, k, v, out, fc, proj per layer + lm_head
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0].endswith("lm_head.weight")]
+
+
+def test_reference_stage_is_reused_only_for_the_same_checkpoint(tmp_path, monkeypatch, make):
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setenv("NEODEPLOY_CACHE", str(tmp_path / "cache"))
+    ckpt = make(tiny_neox(), "ck")
+    first, second, third = [], [], []
+    a = export(ckpt, tmp_path / "a", echo=first.append)
+    b = export(ckpt, tmp_path / "b", target="cpu", echo=second.append)
+    assert not any("reference reused from" in line for line in first), first
+    assert any("reference reused from" in line for line in second), second
+    with np.load(a / "golden.npz") as ga, np.load(b / "golden.npz") as gb:
+        for name in ga["cases"].tolist():
+            np.testing.assert_array_equal(ga[f"{name}/tokens"], gb[f"{name}/tokens"])
+            np.testing.assert_array_equal(ga[f"{name}/topk_logits"], gb[f"{name}/topk_logits"])
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("dense_4h_to_h.weight"))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    c = export(ckpt, tmp_path / "c", echo=third.append)
+    assert not any("reference reused from" in line for line in third)  # a changed weight is a new key
+    with np.load(a / "golden.npz") as ga, np.load(c / "golden.npz") as gc:
+        assert not np.array_equal(ga["short/topk_logits"], gc["short/topk_logits"])
