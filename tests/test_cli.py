@@ -43,6 +43,7 @@ def test_inspect_and_presets():
     assert listing.count("\n") == 14 and "gpt-neox-20b" in listing and "82.22 GB" in listing
 
 
+@pytest.mark.slow
 def test_demo_trains_a_model_that_writes_words_and_keeps_only_what_it_is_told(tmp_path):
     import re
     import stat

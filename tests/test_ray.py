@@ -21,7 +21,7 @@ import pytest
 from conftest import tiny_neox
 from neodeploy.runtime import load
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 pytest.importorskip("ray.serve")
 
 DRIVER = Path(__file__).with_name("ray_driver.py")

@@ -27,6 +27,7 @@ from conftest import tiny_neox, tokenizer_dir
 from neodeploy.runtime import load
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow
 
 KEY = "sk-test-123"
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,6 +14,7 @@ from neodeploy.export import export
 from neodeploy.runtime import load
 from neodeploy.validate import validate
 
+pytestmark = pytest.mark.slow
 FAMILIES = ["gpt_neox", "gpt_neo"]
 
 
