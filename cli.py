@@ -559,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field in OVERRIDES.items():
         kind = float if field == "rotary_pct" else int
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"override {field}")
+    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_make_checkpoint)
 
     p = sub.add_parser("reference", help="greedy-generate with the PyTorch reference model")
@@ -585,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(onnxruntime fusions, last-position logits only)")
     p.add_argument("--no-reference-cache", action="store_true", help="recompute the reference stage instead of "
                    "reusing it from an earlier export of the same checkpoint ($NEODEPLOY_CACHE/reference)")
+    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text with an exported artifact (no PyTorch needed)")
@@ -656,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--layerwise", action="store_true", help="also report the first block whose hidden state drifts")
     p.add_argument("--backend", default=None, help="onnxruntime (default)")
+    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("build-engine", help="build a TensorRT fp16 engine (two optimisation profiles) into the artifact")
@@ -692,12 +695,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     p.add_argument("--precision", default="fp32", help="export precision: fp32 or fp16")
+    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from neodeploy import progress
+
+        progress.set_quiet(True)
     if getattr(args, "max_new_tokens", 1) is not None and getattr(args, "max_new_tokens", 1) < 1:
         print("neodeploy: error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from neodeploy.errors import UsageError
+from neodeploy.progress import live
 from neodeploy.runtime.batch import DecodeBatch, position_ids
 from neodeploy.runtime.model import Model
 
@@ -97,7 +98,6 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def validate(model: Model, checkpoint: str | Path, prompts: list[str] | None = None, steps: int = 32,
              layerwise: bool = False, echo=print) -> Report:
     from neodeploy.reference.checkpoint import load_checkpoint
-    from neodeploy.reference.generate import greedy_generate
 
     precision = model.manifest["precision"]
     tol = TOLERANCES[precision]
@@ -111,28 +111,40 @@ def validate(model: Model, checkpoint: str | Path, prompts: list[str] | None = N
         raise UsageError(f"{checkpoint} is not the checkpoint this artifact was exported from (the specs differ)")
     prompts = list(prompts or DEFAULT_PROMPTS)
     reports = []
-    for prompt in prompts:
-        ids = model.encode(prompt)
-        n = min(steps, model.max_context - len(ids))
-        if n < 1:
-            raise UsageError(f"prompt {prompt[:30]!r} leaves no room for a step within the context")
-        # One reference pass: its greedy tokens and the logits each was chosen from (the teacher-forced run).
-        ref = greedy_generate(reference, ids, n, keep_logits=True)
-        ref_tokens, ref_logits = ref.output_ids, np.stack(ref.step_logits)
-        ours = _runtime_greedy(model, ids, n)
-        run_logits = _runtime_step_logits(model, ids, ref_tokens)
-        abs_err = np.abs(run_logits - ref_logits).max(-1)
-        rel_err = abs_err / np.abs(ref_logits).max(-1)
-        top1 = run_logits.argmax(-1) == ref_logits.argmax(-1)
-        ranked = np.sort(ref_logits, axis=-1)
-        margin = ranked[:, -1] - ranked[:, -2]  # how clearly the reference prefers its token
-        prefix = next((i for i, (a, b) in enumerate(zip(ours, ref_tokens)) if a != b), min(len(ours), len(ref_tokens)))
-        reports.append(PromptReport(
-            prompt, len(ids),
-            [{"step": i, "max_abs_error": float(a), "rel_error": float(r), "top1": bool(t),
-              "reference_margin": float(m)} for i, (a, r, t, m) in enumerate(zip(abs_err, rel_err, top1, margin))],
-            float(abs_err.max()), float(rel_err.max()), float(top1.mean()), prefix, len(ref_tokens),
-        ))
+    with live("validate", total=len(prompts), unit="prompt") as bar:
+        for prompt in prompts:
+            reports.append(_validate_prompt(model, reference, prompt, steps))
+            bar.update()
+    return _finish(model, reference, checkpoint, prompts, reports, precision, tol, layerwise, echo)
+
+
+def _validate_prompt(model: Model, reference, prompt: str, steps: int) -> PromptReport:
+    from neodeploy.reference.generate import greedy_generate
+
+    ids = model.encode(prompt)
+    n = min(steps, model.max_context - len(ids))
+    if n < 1:
+        raise UsageError(f"prompt {prompt[:30]!r} leaves no room for a step within the context")
+    # One reference pass: its greedy tokens and the logits each was chosen from (the teacher-forced run).
+    ref = greedy_generate(reference, ids, n, keep_logits=True)
+    ref_tokens, ref_logits = ref.output_ids, np.stack(ref.step_logits)
+    ours = _runtime_greedy(model, ids, n)
+    run_logits = _runtime_step_logits(model, ids, ref_tokens)
+    abs_err = np.abs(run_logits - ref_logits).max(-1)
+    rel_err = abs_err / np.abs(ref_logits).max(-1)
+    top1 = run_logits.argmax(-1) == ref_logits.argmax(-1)
+    ranked = np.sort(ref_logits, axis=-1)
+    margin = ranked[:, -1] - ranked[:, -2]  # how clearly the reference prefers its token
+    prefix = next((i for i, (a, b) in enumerate(zip(ours, ref_tokens)) if a != b), min(len(ours), len(ref_tokens)))
+    return PromptReport(
+        prompt, len(ids),
+        [{"step": i, "max_abs_error": float(a), "rel_error": float(r), "top1": bool(t),
+          "reference_margin": float(m)} for i, (a, r, t, m) in enumerate(zip(abs_err, rel_err, top1, margin))],
+        float(abs_err.max()), float(rel_err.max()), float(top1.mean()), prefix, len(ref_tokens),
+    )
+
+
+def _finish(model: Model, reference, checkpoint, prompts, reports, precision, tol, layerwise, echo) -> Report:
     ppl = _perplexities(model, reference)
     report = Report(str(model.artifact), str(checkpoint), precision, tol, reports, ppl)
     worst = max(r.max_rel_error for r in reports)

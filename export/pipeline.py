@@ -13,6 +13,7 @@ from pathlib import Path
 from neodeploy import __version__
 from neodeploy.errors import ExportError, UsageError, VerificationError
 from neodeploy.export import fuse, graph, refcache, verify
+from neodeploy.progress import live
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
 from neodeploy.files import check_destination, make_temp_dir, normalise_permissions
@@ -51,9 +52,12 @@ class Progress:
                 progress.index += 1
                 self.t0 = time.perf_counter()
                 progress.echo(f"[{progress.index}/{progress.total}] {name}{': ' + detail if detail else ''} ...")
+                self._live = live(name)  # the elapsed time, live, on a terminal
+                self._live.__enter__()
                 return self
 
             def __exit__(self, kind, exc, tb):
+                self._live.__exit__(kind, exc, tb)
                 if kind is None:
                     elapsed = time.perf_counter() - self.t0
                     progress.times[name] = round(elapsed, 2)
@@ -165,7 +169,11 @@ def export(
                 echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)
-            results = [verify.compare(decoder, case, gate) for case in cases]
+            with live("verify", total=len(cases), unit="case") as bar:
+                results = []
+                for case in cases:
+                    results.append(verify.compare(decoder, case, gate))
+                    bar.update()
             del decoder
             echo(verify.table(results, gate))
             if not all(r.passed for r in results):

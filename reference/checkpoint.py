@@ -23,6 +23,7 @@ from neodeploy.errors import CheckpointError, UsageError
 from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
+from neodeploy.progress import live
 from neodeploy.files import normalise_permissions, check_destination, make_temp_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -236,15 +237,17 @@ def make_checkpoint(
             size = 0
 
         weight_map: dict[str, str] = {}
-        for name, shape in params:
-            tensor = _random_tensor(name, shape, generator, init_std).to(torch_dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                flush()
-            shards[-1][name] = tensor
-            weight_map[name] = str(len(shard_files))
-            size += nbytes
-        flush()
+        with live("make-checkpoint", total=len(params), unit="tensor") as bar:
+            for name, shape in params:
+                tensor = _random_tensor(name, shape, generator, init_std).to(torch_dtype)
+                nbytes = tensor.numel() * tensor.element_size()
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    flush()
+                shards[-1][name] = tensor
+                weight_map[name] = str(len(shard_files))
+                size += nbytes
+                bar.update()
+            flush()
         ext = "safetensors" if file_format == "safetensors" else "bin"
         stem = "model" if file_format == "safetensors" else "pytorch_model"
         total = len(shard_files)

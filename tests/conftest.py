@@ -116,3 +116,23 @@ def trained():
         return out
 
     return _get
+
+
+def drifted_copy(artifact: Path, dest: Path) -> Path:
+    """The artifact with its weights scaled after export and the sha256 updated, so it loads but has drifted."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from neodeploy.files import sha256
+
+    shutil.copytree(artifact, dest)
+    data = dest / "model.onnx.data"
+    weights = np.fromfile(data, dtype=np.float32)
+    weights[: weights.size // 2] *= 1.05
+    weights.tofile(data)
+    manifest = json.loads((dest / "neodeploy.json").read_text())
+    manifest["files"]["model.onnx.data"] = sha256(data)
+    (dest / "neodeploy.json").write_text(json.dumps(manifest))
+    return dest

@@ -40,7 +40,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def main(artifact: str, prompts_file: str, in_namespace: bool) -> None:
+def main(artifact: str, prompts_file: str, in_namespace: bool, drifted: str) -> None:
     if in_namespace:
         loopback_up()
     import httpx
@@ -96,14 +96,24 @@ def main(artifact: str, prompts_file: str, in_namespace: bool) -> None:
         if len(exported) == 2 and sum(exported.values()) >= sum(n for _, n, _ in jobs) - len(jobs):
             break
         time.sleep(0.5)
+    # A replica whose artifact drifted (weights changed, sha256 updated) never joins; the reason is one line.
+    from neodeploy.serve.ray import _replica_error
+
+    drift_error = None
+    serve.delete("neodeploy")  # frees the node's 2 CPUs for the next replica
+    try:
+        serve.run(deployment(ServeOptions(drifted, "drift"), Scaling(replicas=1, cpus=1)), name="drift",
+                  route_prefix="/drift")
+    except Exception:  # noqa: BLE001 - what we assert on is the line below
+        drift_error = _replica_error(serve)
     pids = descendants(os.getpid())
     serve.shutdown()
     ray.shutdown()
     print(json.dumps({"answers": answers, "pids": pids, "ready_s": round(ready_s, 1), "bad_status": bad.status_code,
                       "bad_param": bad.json()["error"]["param"],
-                      "exported_tokens": exported}))
+                      "exported_tokens": exported, "drift_error": drift_error}))
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3] == "1")
+    main(sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4])

@@ -185,3 +185,36 @@ def test_reference_refuses_prompts_it_cannot_run(tmp_path):
     assert proc.returncode == 2 and "token id 999 is outside the vocabulary" in proc.stderr
     proc = run("reference", path, "--ids", "1 2", "--max-new-tokens", 200, check=False)
     assert proc.returncode == 2 and "exceeds the model's 128 positions" in proc.stderr
+
+
+def _on_a_terminal(*args) -> str:
+    """Run the CLI with a pseudo-terminal as its stdout and stderr (120 columns); returns what it printed."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI, on the terminal
+        os.execv(sys.executable, [sys.executable, "-m", "neodeploy", *map(str, args)])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_is_live_on_a_terminal_only(tmp_path):
+    shown = _on_a_terminal("make-checkpoint", "--preset", "pythia-70m", tmp_path / "a")
+    assert "make-checkpoint: " in shown and " tensors [" in shown
+    assert " tensors [" not in _on_a_terminal("make-checkpoint", "--preset", "pythia-70m", tmp_path / "b", "--quiet")
+    piped = run("make-checkpoint", "--preset", "pythia-70m", tmp_path / "c")
+    assert " tensors [" not in piped.stderr + piped.stdout and (tmp_path / "c" / "model.safetensors").is_file()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_neox
+from conftest import drifted_copy, tiny_neox
 from neodeploy.runtime import load
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,7 +38,9 @@ def test_two_replicas_serve_what_model_generate_returns(exported, tmp_path):
     env = {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_TMPDIR": str(ray_tmp), "RAY_DEDUP_LOGS": "0"}
     namespaced = os.geteuid() == 0 and shutil.which("unshare") is not None
-    command = [sys.executable, str(DRIVER), str(artifact), str(tmp_path / "jobs.json"), "1" if namespaced else "0"]
+    drifted = drifted_copy(artifact, tmp_path / "drifted")
+    command = [sys.executable, str(DRIVER), str(artifact), str(tmp_path / "jobs.json"), "1" if namespaced else "0",
+               str(drifted)]
     if namespaced:
         command = ["unshare", "-n", *command]
     try:
@@ -57,6 +59,8 @@ def test_two_replicas_serve_what_model_generate_returns(exported, tmp_path):
     served = sum(len(model.generate(p, max_new_tokens=n)[0].output_ids) for p, n, _ in jobs)
     assert sum(report["exported_tokens"].values()) == served
     assert report["pids"], "the driver saw no Ray processes"
+    error = report["drift_error"]
+    assert error and error.startswith("a replica could not start: golden check failed") and "\n" not in error
     deadline = time.monotonic() + 30
     alive = [p for p in report["pids"] if Path(f"/proc/{p}").exists()]
     while alive and time.monotonic() < deadline:

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import tiny_neox, tokenizer_dir
+from conftest import drifted_copy, tiny_neox, tokenizer_dir
 from neodeploy.runtime import load
 
 openai = pytest.importorskip("openai")
@@ -248,17 +248,7 @@ def test_503_while_loading_and_json_errors_in_process(artifact):
 
 def test_a_drifted_artifact_never_becomes_ready(artifact, tmp_path):
     """Weights perturbed after export, with the sha256 updated so the artifact loads: the golden check catches it."""
-    from neodeploy.files import sha256
-
-    drifted = tmp_path / "drifted"
-    shutil.copytree(artifact, drifted)
-    data = drifted / "model.onnx.data"
-    weights = np.fromfile(data, dtype=np.float32)
-    weights[: weights.size // 2] *= 1.05
-    weights.tofile(data)
-    manifest = json.loads((drifted / "neodeploy.json").read_text())
-    manifest["files"]["model.onnx.data"] = sha256(data)
-    (drifted / "neodeploy.json").write_text(json.dumps(manifest))
+    drifted = drifted_copy(artifact, tmp_path / "drifted")
     proc, url = _start(drifted)
     try:
         seen, code = _wait_ready(proc, url)
