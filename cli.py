@@ -717,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neodeploy: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `neodeploy inspect … | head`: the reader left; stop quietly, as shell tools do
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except ModuleNotFoundError as exc:  # a stage whose extra is not installed: say which, never a traceback
         root = (exc.name or "").split(".")[0]
         extra = next((e for e, modules in EXTRAS.items() if root in modules), None)

@@ -74,7 +74,7 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
         from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
         from polygraphy.exception import PolygraphyException
     except ImportError as exc:
-        raise UsageError("build-engine needs polygraphy: pip install 'neodeploy[trt]'") from exc
+        raise UsageError(f"build-engine needs polygraphy ({exc}): pip install 'neodeploy[trt]'") from exc
 
     version = trt.__version__
     strongly_typed = _version_tuple(version) >= STRONGLY_TYPED_SINCE

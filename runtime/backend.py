@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.errors import ArtifactError, UsageError
 
 
 class Backend(Protocol):
@@ -128,7 +128,12 @@ class OrtBackend:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for unreadable graphs
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"onnxruntime cannot load {model_path} ({first[:200]}); the graph is corrupt or "
+                                "truncated: re-export the artifact") from exc
         self.providers = self.session.get_providers()
         dropped = [p for p in providers if p not in self.providers]
         if dropped:  # onnxruntime falls back to CPU silently when a GPU provider fails to initialise

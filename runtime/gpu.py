@@ -12,10 +12,12 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise UsageError(
-            "this needs TensorRT, which is not installed here; on a machine with an NVIDIA GPU run "
-            "pip install 'neodeploy[trt]'"
-        ) from exc
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "tensorrt":
+            what = "the tensorrt package is not installed"
+        else:  # installed but broken (a missing libnvinfer, a CUDA mismatch): its own words say which
+            what = f"tensorrt is installed but does not load ({exc})"
+        raise UsageError(f"this needs TensorRT and {what}; on a machine with an NVIDIA GPU run "
+                         "pip install 'neodeploy[trt]'") from exc
     return trt
 
 

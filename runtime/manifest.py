@@ -26,6 +26,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
+    if folder.is_file():
+        raise ArtifactError(f"{folder} is a file, not an artifact folder; give the folder `neodeploy export` wrote")
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist; run `neodeploy export` first")
     if not path.is_file():
@@ -44,14 +46,33 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def artifact_path(folder: str | Path, name: Any) -> Path:
+    """The path of a file the manifest names, confined to the artifact folder: a plain name (no folder part, no
+    '..', not absolute) and no symlink that leads outside. Nothing outside the folder the user named is read."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ArtifactError(f"{MANIFEST} names the file {name!r}, which is not a plain file name inside {folder}; "
+                            "re-export the artifact")
+    path = folder / name
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise ArtifactError(f"{path} leads outside the artifact folder (a symlink?); re-export the artifact")
+    return path
+
+
 def verify_files(folder: str | Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
     """Check the sha256 of the named files (all listed files by default) against the manifest."""
     folder = Path(folder)
     listed: dict[str, str] = manifest.get("files", {})
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"{folder / MANIFEST} has no valid 'files' table; re-export the artifact")
     for name in names if names is not None else list(listed):
         if name not in listed:
             raise ArtifactError(f"{name} is not listed in {MANIFEST}; re-export the artifact")
-        path = folder / name
+        path = artifact_path(folder, name)
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; the artifact is incomplete, re-export it")
         if sha256(path) != listed[name]:

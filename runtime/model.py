@@ -18,7 +18,7 @@ import numpy as np
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import Backend, create_backend
 from neodeploy.runtime.batch import DecodeBatch, left_pad, position_ids  # noqa: F401 - re-exported
-from neodeploy.runtime.manifest import read_manifest, verify_files
+from neodeploy.runtime.manifest import artifact_path, read_manifest, verify_files
 from neodeploy.runtime.sampling import SamplingParams, penalised, sampling_distribution  # noqa: F401 - re-exported
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
 from neodeploy.runtime.text import stop_sets
@@ -71,12 +71,22 @@ class Model:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise UsageError(f"{self.artifact} has no tokenizer; pass prompts as lists of token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UsageError(f"the prompt is not valid text (a lone surrogate at character {exc.start}); "
+                                 "pass well-formed Unicode") from exc
             ids = self.tokenizer.encode(prompt)
         else:
             try:
-                ids = [int(t) for t in prompt]
-            except (TypeError, ValueError) as exc:
+                ids = list(prompt)
+            except TypeError as exc:
                 raise UsageError("a prompt must be a string or a list of integer token ids") from exc
+            # Refused, not truncated: 3.7 or True is no token id.
+            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in ids):
+                bad = next(t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)))
+                raise UsageError(f"token ids must be integers, got {bad!r}")
+            ids = [int(t) for t in ids]
         if not ids:
             raise UsageError("a prompt is empty; give at least one token")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -119,13 +129,16 @@ class Model:
     def encode_all(self, prompts: Prompt | Seq[Prompt]) -> list[list[int]]:
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], (int, np.integer))):
+        if isinstance(prompts, str) or (isinstance(prompts, Seq) and prompts and isinstance(prompts[0], (int, float, np.number))):
             prompts = [prompts]
         if not prompts:
             raise UsageError("no prompts given")
         return [self.encode(p) for p in prompts]
 
     def sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        bad = [s for s in params.stop if isinstance(s, int) and not 0 <= s < self.vocab_size]
+        if bad:
+            raise UsageError(f"stop id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         stop_ids, stop_strings = stop_sets(params.stop, self.tokenizer, self.eos_token_id)
         return Sequence(prompt_ids, params, self.tokenizer, stop_ids, stop_strings, self.eos_token_id)
 
@@ -181,8 +194,10 @@ def load(artifact_dir: str | Path, backend: str | None = None, providers: list[s
     except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{artifact}/neodeploy.json lacks {exc}; re-export the artifact") from exc
     tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.get("files", {})]
+    for name in onnx_files:
+        artifact_path(artifact, name)  # confined to the folder even with verify=False
     if verify:
-        verify_files(artifact, manifest, onnx_files + tokenizer_files)
+        verify_files(artifact, manifest)  # every listed file, not only the ones this call reads
     tokenizer = Tokenizer.from_dir(artifact) if tokenizer_files else None
     return Model(artifact, manifest, create_backend(backend, artifact, manifest, providers, threads), tokenizer)
 

@@ -61,6 +61,8 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, (str, int)) or isinstance(s, bool):
                 raise UsageError(f"stop entries must be strings or token ids, got {s!r}")
+            if s == "":
+                raise UsageError("an empty stop string would stop before any text; remove it")
 
 
 def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:

@@ -4,8 +4,11 @@ resolving eos / pad / bos ids. Torch-free: the runtime uses it in serving proces
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +160,21 @@ def builtin_byte_tokenizer(eos_token_id: int | None, vocab_size: int) -> Any | N
     return tk
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for a moment: the warning comes from Rust, not from Python's logging."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def write_tokenizer_files(dest: Path, spec: Any, tokenizer_dir: str | Path | None) -> bool:
     """Copy a tokenizer's files into dest, or write the built-in byte tokenizer. True when dest has one."""
     if tokenizer_dir is not None:
@@ -176,7 +194,8 @@ def write_tokenizer_files(dest: Path, spec: Any, tokenizer_dir: str | Path | Non
     tk = builtin_byte_tokenizer(spec.eos_token_id, spec.vocab_size)
     if tk is None:
         return False
-    tk.save(str(dest / "tokenizer.json"))
+    with _stderr_silenced():  # tokenizers warns about the vocabulary's unused ids, once per id (~340 KB for GPT-Neo)
+        tk.save(str(dest / "tokenizer.json"))
     (dest / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": EOT, "bos_token": EOT, "model_max_length": spec.max_positions,
                     "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"

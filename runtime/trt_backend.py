@@ -52,12 +52,13 @@ class TensorRTBackend:
     kernel_rotary = None
 
     def __init__(self, artifact: Path, manifest: dict):
+        from neodeploy.runtime.gpu import import_tensorrt
+
+        trt = import_tensorrt()
         try:
-            import tensorrt as trt
             from polygraphy import cuda
         except ImportError as exc:
-            raise UsageError("the TensorRT backend needs tensorrt and polygraphy: pip install 'neodeploy[trt]' "
-                             "on a machine with an NVIDIA GPU") from exc
+            raise UsageError(f"the TensorRT backend needs polygraphy ({exc}): pip install 'neodeploy[trt]'") from exc
         from neodeploy.runtime.gpu import gpu_info
 
         info = manifest.get("engine")

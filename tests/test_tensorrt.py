@@ -3,6 +3,7 @@ GPU-only engine tests, which skip with the reason where TensorRT or a CUDA GPU i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -130,6 +131,8 @@ def test_build_engine_without_tensorrt_exits_2(fp16_artifact):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "TensorRT" in proc.stderr and "Traceback" not in proc.stderr
+    if importlib.util.find_spec("tensorrt") is None:  # the message names exactly what is missing
+        assert "the tensorrt package is not installed" in proc.stderr
     assert json.loads((fp16_artifact / "neodeploy.json").read_text()) == before
     assert not (fp16_artifact / "model.engine").exists()
 

@@ -1,0 +1,113 @@
+"""Bad input as a hostile user gives it: typed errors from the API, one line and exit 2 from the CLI, and nothing
+read from outside the artifact folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_neox
+from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.files import sha256
+from neodeploy.runtime import load
+
+
+@pytest.fixture
+def artifact_copy(exported, tmp_path):
+    _, art = exported("rt-gpt_neox", tiny_neox())
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    return copy
+
+
+def _edit(art, change):
+    manifest = json.loads((art / "neodeploy.json").read_text())
+    change(manifest)
+    (art / "neodeploy.json").write_text(json.dumps(manifest))
+
+
+def test_every_file_the_runtime_reads_is_confined_to_the_artifact(artifact_copy, tmp_path):
+    art = artifact_copy
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(art / "model.onnx", outside / "model.onnx")
+
+    def absolute(m):  # an absolute graph path with a matching sha256 must not load a model from elsewhere
+        m["onnx"]["file"] = str(outside / "model.onnx")
+        m["files"][str(outside / "model.onnx")] = sha256(outside / "model.onnx")
+
+    _edit(art, absolute)
+    for verify in (True, False):
+        with pytest.raises(ArtifactError, match="not a plain file name"):
+            load(art, verify=verify)
+    _edit(art, lambda m: m["onnx"].update(file="model.onnx"))
+    _edit(art, lambda m: m["files"].update({"../../x": "0" * 64}))  # a listed escape is checked, not skipped
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        load(art)
+    _edit(art, lambda m: m["files"].pop("../../x"))
+    _edit(art, lambda m: m["files"].pop(str(outside / "model.onnx")))
+    (art / "tokenizer.json").rename(outside / "tokenizer.json")
+    os.symlink(outside / "tokenizer.json", art / "tokenizer.json")
+    with pytest.raises(ArtifactError, match="outside the artifact folder"):
+        load(art)
+
+
+def test_a_corrupt_graph_is_an_artifact_error_even_unverified(artifact_copy):
+    data = (artifact_copy / "model.onnx").read_bytes()
+    (artifact_copy / "model.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match="sha256"):
+        load(artifact_copy)
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        load(artifact_copy, verify=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[3.7]), "token ids must be integers"),
+    (dict(prompts=[True, 2]), "token ids must be integers"),
+    (dict(prompts="bad \ud800 text"), "lone surrogate"),
+    (dict(prompts=[1, 2], stop=[10_000]), "stop id 10000 is outside"),
+    (dict(prompts=[1, 2], stop=[""]), "empty stop string"),
+    (dict(prompts=[1, 2], seed=-1), "seed"),
+    (dict(prompts=[1, 2], seed="x"), "seed"),
+    (dict(prompts=[1, 2], temperature=math.inf), "temperature"),
+    (dict(prompts=[1, 2], repetition_penalty=math.nan), "repetition_penalty"),
+    (dict(prompts=[1, 2], max_new_tokens=True), "max_new_tokens"),
+    (dict(prompts=[1, 2], top_k=2.5), "top_k"),
+    (dict(prompts=[1, 2], colour="blue"), "unknown generation option"),
+])
+def test_generation_inputs_are_refused_not_coerced(exported, kwargs, match):
+    model = load(exported("rt-gpt_neox", tiny_neox())[1])
+    with pytest.raises(UsageError, match=match):
+        model.generate(**kwargs)
+    assert model.generate(np.array([1, 2]), max_new_tokens=2)[0].output_ids  # still usable
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "neodeploy", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, input=stdin)
+
+
+def test_cli_noise_pipes_and_files_where_folders_belong(exported, tmp_path):
+    _, art = exported("rt-gpt_neox", tiny_neox())
+    # A reader that leaves early (`| head -1`): no BrokenPipeError traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "neodeploy", "inspect", str(art)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
+    a_file = tmp_path / "model.onnx"
+    a_file.write_text("not a folder")
+    result = _cli("generate", a_file, "hi")
+    assert result.returncode == 2 and "is a file" in result.stderr and len(result.stderr.splitlines()) == 1
+    # A GPT-Neo vocabulary with the built-in byte tokenizer: no flood of tokenizers warnings.
+    result = _cli("make-checkpoint", "--preset", "gpt-neo-125m", tmp_path / "neo", "--layers", 1, "--hidden", 64,
+                  "--heads", 4)
+    assert result.returncode == 0 and len(result.stderr) < 2000, result.stderr[:300]
