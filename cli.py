@@ -237,7 +237,10 @@ def _read_prompts(items: list[str]) -> list[str]:
     prompts: list[str] = []
     for item in items:
         if item == "-":
-            prompts.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+            try:
+                prompts.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"stdin is not UTF-8 text (byte {exc.start} of a line); pass UTF-8 prompts") from exc
         else:
             prompts.append(item)
     if not prompts:
@@ -397,6 +400,9 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from neodeploy.runtime.manifest import read_manifest
 
     manifest = read_manifest(args.artifact)
+    from neodeploy.runtime.manifest import verify_files
+
+    verify_files(args.artifact, manifest)  # a corrupt or truncated graph is one line, as in load
     onnx = manifest.get("onnx") or {}
     if onnx.get("target") == "cpu" or manifest.get("quantization"):
         what = "a --target cpu export" if onnx.get("target") == "cpu" else "a quantised export"
@@ -700,6 +706,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_output_paths(args: argparse.Namespace) -> None:
+    """Report and chart paths are checked before the work, not after it: a missing folder or a folder where a file
+    belongs is one line up front."""
+    for flag in ("report", "junit", "json", "plot"):
+        value = getattr(args, flag, None)
+        if not isinstance(value, str):  # --json is a switch on some commands
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise UsageError(f"--{flag} {path} is a folder; give a file path")
+        if not path.parent.is_dir():
+            raise UsageError(f"--{flag} {path}: the folder {path.parent} does not exist; create it first")
+    workdir = getattr(args, "workdir", None)
+    if workdir and Path(workdir).exists() and not Path(workdir).is_dir():
+        raise UsageError(f"--workdir {workdir} is a file; give a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
@@ -710,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         print("neodeploy: error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     try:
+        _check_output_paths(args)
         return args.func(args)
     except NeodeployError as exc:
         print(f"neodeploy: error: {exc}", file=sys.stderr)

@@ -74,8 +74,8 @@ class Model:
             try:
                 prompt.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise UsageError(f"the prompt is not valid text (a lone surrogate at character {exc.start}); "
-                                 "pass well-formed Unicode") from exc
+                raise UsageError(f"the prompt is not valid text (a lone surrogate, or a byte that is not UTF-8, at "
+                                 f"character {exc.start}); pass UTF-8 text") from exc
             ids = self.tokenizer.encode(prompt)
         else:
             try:

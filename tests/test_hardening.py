@@ -111,3 +111,23 @@ def test_cli_noise_pipes_and_files_where_folders_belong(exported, tmp_path):
     result = _cli("make-checkpoint", "--preset", "gpt-neo-125m", tmp_path / "neo", "--layers", 1, "--hidden", 64,
                   "--heads", 4)
     assert result.returncode == 0 and len(result.stderr) < 2000, result.stderr[:300]
+
+
+def test_output_paths_stdin_and_lint_are_checked_up_front(exported, tmp_path):
+    _, art = exported("rt-gpt_neox", tiny_neox())
+    missing = tmp_path / "no-such-folder" / "report.json"
+    result = _cli("check", art, "--report", missing)
+    assert result.returncode == 2 and "does not exist" in result.stderr and not missing.parent.exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = _cli("demo", "--workdir", a_file)
+    assert result.returncode == 2 and "is a file" in result.stderr and a_file.read_text() == "x"
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "generate", str(art), "-"], input=b"caf\xe9\n",
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2 and b"not UTF-8" in proc.stderr and b"Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    broken = tmp_path / "broken"
+    shutil.copytree(art, broken)
+    (broken / "model.onnx").write_bytes((broken / "model.onnx").read_bytes()[:100])
+    result = _cli("lint", broken)
+    assert result.returncode == 2 and "sha256" in result.stderr and len(result.stderr.splitlines()) == 1
