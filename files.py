@@ -31,12 +31,25 @@ def check_destination(out: Path, overwrite: bool, error: type[Exception]) -> Non
 
 def make_temp_dir(final: Path) -> Path:
     """A work folder beside `final` (same filesystem, so publishing is one rename), with the permissions a
-    plain mkdir would give rather than mkdtemp's private 0700."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.resolve().parent))
+    plain mkdir would give rather than mkdtemp's private 0700. Its name carries this process's pid, and folders
+    that an earlier run into the same place left behind (its process no longer exists: killed, power cut) are
+    removed first."""
+    parent = final.resolve().parent
+    remove_stale_temp_dirs(parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
     return tmp
+
+
+def remove_stale_temp_dirs(parent: Path, name: str) -> None:
+    import shutil
+
+    for path in parent.glob(f".{name}.*.tmp"):
+        pid = path.name[len(name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def normalise_permissions(folder: Path) -> None:

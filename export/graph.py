@@ -12,6 +12,7 @@ import io
 import logging
 import warnings
 from collections import Counter
+import os
 from pathlib import Path
 
 import onnx
@@ -123,13 +124,29 @@ def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hi
     trace(model, Path(path), opset, hidden_states, last_logits_only, fused_attention, max_context)
 
 
+def die_with_parent() -> None:
+    """In a worker: the kernel kills it when its parent dies (kill -9 of `neodeploy export` must not leave a trace
+    worker writing into the dead export's temporary folder). Linux only; elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
                         last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
     """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent) as pool:
         pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states,
                     last_logits_only, fused_attention, max_context).result()
 

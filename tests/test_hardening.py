@@ -131,3 +131,53 @@ def test_output_paths_stdin_and_lint_are_checked_up_front(exported, tmp_path):
     (broken / "model.onnx").write_bytes((broken / "model.onnx").read_bytes()[:100])
     result = _cli("lint", broken)
     assert result.returncode == 2 and "sha256" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+def test_a_killed_export_leaves_no_worker_and_its_temp_folder_goes_next_time(exported, tmp_path):
+    import signal
+    import time
+
+    ckpt, _ = exported("rt-gpt_neox", tiny_neox())
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "neodeploy", "export", str(ckpt), str(out), "--quiet",
+                             "--no-reference-cache"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    workers = []
+    while time.monotonic() < deadline and not workers:  # the trace worker (multiprocessing spawn) is running
+        workers = [c for c in _children(proc.pid)
+                   if "spawn_main" in open(f"/proc/{c}/cmdline").read().replace("\0", " ")]
+        time.sleep(0.05)
+    assert workers, "the export never started its trace worker"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "the trace worker outlived its parent"
+    assert list(tmp_path.glob(".out.*.tmp")), "the killed export's work folder should be there to clean up"
+    assert not out.exists()
+    export_again = _cli("export", ckpt, out, "--quiet")
+    assert export_again.returncode == 0, export_again.stderr
+    assert not list(tmp_path.glob(".out.*.tmp")) and (out / "neodeploy.json").is_file()
