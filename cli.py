@@ -152,6 +152,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_make_checkpoint(args: argparse.Namespace) -> int:
     from neodeploy.reference.checkpoint import make_checkpoint
 
+    import math
+
+    if not (math.isfinite(args.max_shard_size) and args.max_shard_size * 1e9 >= 1 << 20):
+        raise UsageError(f"--max-shard-size must be at least 0.001 GB (1 MB), got {args.max_shard_size}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
     spec = _spec_with_overrides(args)
     n = spec.num_parameters()
     print(f"writing a random-initialised {args.preset} ({human_count(n)} parameters, {args.dtype}) to {args.out} ...")

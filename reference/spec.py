@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,17 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.vocab_size > MAX_VOCAB:
+            raise ConfigError(f"vocab_size {self.vocab_size} is beyond {MAX_VOCAB} (an embedding that size does not fit "
+                              "in memory); fix the config")
+        if not (isinstance(self.layer_norm_eps, float) and math.isfinite(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            raise ConfigError(f"the layer-norm epsilon must be a finite number > 0, got {self.layer_norm_eps!r}")
+        if self.family == "gpt_neox" and not (math.isfinite(self.rotary_base) and self.rotary_base > 0):
+            raise ConfigError(f"the rotary base (rotary_emb_base / rope_theta) must be > 0, got {self.rotary_base!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size):
+                raise ConfigError(f"{name} {value!r} is outside the vocabulary (0..{self.vocab_size - 1}); fix the config")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; fix the config"
@@ -183,25 +195,72 @@ def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, float, str | None, fl
     if extra:
         raise ConfigError(f"rope parameter {extra[0]!r} is not supported; refusing rather than ignoring it")
     factor = merged.get("factor", 1.0)
+    pct = _float({"rotary_pct": pct}, "rotary_pct", 0.25)
+    base = _float({"rotary_emb_base": base}, "rotary_emb_base", 10000.0)
     if rope_type == "linear":
         if factor is None:
             raise ConfigError("linear rope scaling needs a 'factor'")
-        return float(pct), float(base), "linear", float(factor)
+        return pct, base, "linear", _float({"factor": factor}, "factor", 1.0)
     if factor not in (None, 1, 1.0):
         raise ConfigError(f"rope 'factor' {factor} given without a scaling type; set rope_type to 'linear'")
-    return float(pct), float(base), None, 1.0
+    return pct, base, None, 1.0
 
 
-def _first_id(value: Any) -> int | None:
+MAX_VOCAB = 1 << 24  # 16.7M ids: far beyond any published vocabulary, well within int64 and memory
+
+
+def _type_error(name: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config.json field {name!r} must be {expected}, got {value!r}; fix config.json")
+
+
+def _int(cfg: dict[str, Any], name: str, default: Any = None) -> Any:
+    """An integer field, never coerced: true, 12.5 or "12" are refused rather than read as 1, 12 or 12."""
+    value = cfg.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 2048.0 in a hand-written config is still 2048
+        raise _type_error(name, "an integer", value)
+    return value
+
+
+def _float(cfg: dict[str, Any], name: str, default: float) -> float:
+    value = cfg.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _type_error(name, "a finite number", value)
+    return float(value)
+
+
+def _bool(cfg: dict[str, Any], name: str, default: bool) -> bool:
+    value = cfg.get(name, default)
+    if not isinstance(value, bool):
+        raise _type_error(name, "true or false", value)
+    return value
+
+
+def _str(cfg: dict[str, Any], name: str, default: str) -> str:
+    value = cfg.get(name, default)
+    if not isinstance(value, str):
+        raise _type_error(name, "a string", value)
+    return value
+
+
+def _first_id(cfg: dict[str, Any], name: str) -> int | None:
+    value = cfg.get(name)
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _type_error(name, "a non-negative token id (or a list of them)", cfg.get(name))
+    return value
 
 
 def _require(cfg: dict[str, Any], *names: str) -> Any:
     for name in names:
         if cfg.get(name) is not None:
-            return cfg[name]
+            return _int(cfg, name)
     raise ConfigError(f"config.json has no {names[0]!r}; it is not a complete {cfg.get('model_type')} config")
 
 
@@ -220,51 +279,51 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
             f"model_type {model_type!r} is not supported; neodeploy handles 'gpt_neo' and 'gpt_neox' checkpoints"
         )
     common = dict(
-        vocab_size=int(_require(cfg, "vocab_size")),
-        hidden_size=int(_require(cfg, "hidden_size")),
-        max_positions=int(cfg.get("max_position_embeddings", 2048)),
-        bos_token_id=_first_id(cfg.get("bos_token_id")),
-        eos_token_id=_first_id(cfg.get("eos_token_id")),
-        pad_token_id=_first_id(cfg.get("pad_token_id")),
+        vocab_size=_require(cfg, "vocab_size"),
+        hidden_size=_require(cfg, "hidden_size"),
+        max_positions=_int(cfg, "max_position_embeddings", 2048),
+        bos_token_id=_first_id(cfg, "bos_token_id"),
+        eos_token_id=_first_id(cfg, "eos_token_id"),
+        pad_token_id=_first_id(cfg, "pad_token_id"),
     )
     if model_type == "gpt_neo":
-        num_layers = int(_require(cfg, "num_layers"))
+        num_layers = _require(cfg, "num_layers")
         if cfg.get("attention_types") is not None:
             layers = _expand_attention_types(cfg["attention_types"])
         elif cfg.get("attention_layers") is not None:
             layers = tuple(cfg["attention_layers"])
         else:
             layers = ("global", "local") * (num_layers // 2) + ("global",) * (num_layers % 2)
-        inter = cfg.get("intermediate_size") or 4 * common["hidden_size"]
+        inter = _int(cfg, "intermediate_size") or 4 * common["hidden_size"]
         return ModelSpec(
             family="gpt_neo",
             num_layers=num_layers,
-            num_heads=int(_require(cfg, "num_heads")),
-            intermediate_size=int(inter),
-            activation=str(cfg.get("activation_function", "gelu_new")),
-            layer_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            num_heads=_require(cfg, "num_heads"),
+            intermediate_size=inter,
+            activation=_str(cfg, "activation_function", "gelu_new"),
+            layer_norm_eps=_float(cfg, "layer_norm_epsilon", 1e-5),
             attention_layers=layers,
-            window_size=int(cfg.get("window_size", 256)),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            window_size=_int(cfg, "window_size", 256),
+            tied_embeddings=_bool(cfg, "tie_word_embeddings", True),
             **common,
         )
-    num_layers = int(_require(cfg, "num_hidden_layers"))
+    num_layers = _require(cfg, "num_hidden_layers")
     pct, base, scaling, factor = _rope_from_config(cfg)
     return ModelSpec(
         family="gpt_neox",
         num_layers=num_layers,
-        num_heads=int(_require(cfg, "num_attention_heads")),
-        intermediate_size=int(_require(cfg, "intermediate_size")),
-        activation=str(cfg.get("hidden_act", "gelu")),
-        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        num_heads=_require(cfg, "num_attention_heads"),
+        intermediate_size=_require(cfg, "intermediate_size"),
+        activation=_str(cfg, "hidden_act", "gelu"),
+        layer_norm_eps=_float(cfg, "layer_norm_eps", 1e-5),
         attention_layers=("global",) * num_layers,
         rotary_pct=pct,
         rotary_base=base,
         rope_scaling_type=scaling,
         rope_scaling_factor=factor,
-        parallel_residual=bool(cfg.get("use_parallel_residual", True)),
-        attention_bias=bool(cfg.get("attention_bias", True)),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        parallel_residual=_bool(cfg, "use_parallel_residual", True),
+        attention_bias=_bool(cfg, "attention_bias", True),
+        tied_embeddings=_bool(cfg, "tie_word_embeddings", False),
         **common,
     )
 

@@ -181,3 +181,32 @@ def test_a_killed_export_leaves_no_worker_and_its_temp_folder_goes_next_time(exp
     export_again = _cli("export", ckpt, out, "--quiet")
     assert export_again.returncode == 0, export_again.stderr
     assert not list(tmp_path.glob(".out.*.tmp")) and (out / "neodeploy.json").is_file()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"vocab_size": [1]}, "'vocab_size' must be an integer"),
+    ({"eos_token_id": "eos"}, "'eos_token_id' must be a non-negative token id"),
+    ({"num_hidden_layers": True}, "'num_hidden_layers' must be an integer"),
+    ({"num_hidden_layers": 2.5}, "'num_hidden_layers' must be an integer"),
+    ({"hidden_size": "64"}, "'hidden_size' must be an integer"),
+    ({"layer_norm_eps": float("nan")}, "'layer_norm_eps' must be a finite number"),
+    ({"layer_norm_eps": -1e-5}, "epsilon must be a finite number > 0"),
+    ({"rotary_emb_base": -5}, "rotary base"),
+    ({"vocab_size": 1 << 40}, "beyond"),
+    ({"use_parallel_residual": "yes"}, "'use_parallel_residual' must be true or false"),
+    ({"eos_token_id": 999}, "outside the vocabulary"),
+])
+def test_config_json_is_checked_by_type_and_range(change, match):
+    from neodeploy.errors import ConfigError
+    from neodeploy.reference.spec import hf_config, spec_from_config
+
+    cfg = {**hf_config(tiny_neox()), **change}
+    with pytest.raises(ConfigError, match=match):
+        spec_from_config(cfg)
+    assert spec_from_config({**hf_config(tiny_neox()), "max_position_embeddings": 128.0}).max_positions == 128
+
+
+def test_make_checkpoint_options_are_checked(tmp_path):
+    for flags, match in ((["--max-shard-size", "0"], "max-shard-size"), (["--seed", "-3"], "seed")):
+        result = _cli("make-checkpoint", "--preset", "pythia-14m", tmp_path / "c", *flags)
+        assert result.returncode == 2 and match in result.stderr and not (tmp_path / "c").exists()
