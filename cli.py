@@ -434,7 +434,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def _train_demo_model(checkpoint: Path, seconds: float) -> dict:
+def _train_demo_model(checkpoint: Path, seconds: float, steps: int) -> dict:
     """A byte-level model trained for `seconds` on the stdlib's docstrings: the demo then shows words."""
     import shutil
 
@@ -449,7 +449,7 @@ def _train_demo_model(checkpoint: Path, seconds: float) -> dict:
 
         tokenizer = Tokenizer.from_dir(tmp)
         data = training.token_stream(lambda text: tokenizer.encode(text), training.stdlib_docstrings(1_000_000))
-        model, stats = training.train(spec, data, steps=100_000, seconds=seconds, lr=6e-3, echo=lambda line: print(" " + line))
+        model, stats = training.train(spec, data, steps=steps, seconds=seconds, lr=6e-3, echo=lambda line: print(" " + line))
         training.save(model, spec, tmp, stats)
         from neodeploy.files import normalise_permissions
 
@@ -476,6 +476,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.train_seconds <= 0:
         raise UsageError(f"--train-seconds must be > 0, got {args.train_seconds}")
+    if args.train_steps < 1:
+        raise UsageError(f"--train-steps must be a positive integer, got {args.train_steps}")
     keep = args.workdir is not None
     workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -489,7 +491,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else:
             print(f"== 1/5 train: a byte-level GPT-NeoX (pythia-14m architecture, 2 layers) on the standard library's "
                   f"docstrings for {args.train_seconds:g} s")
-            stats = _train_demo_model(checkpoint, args.train_seconds)
+            stats = _train_demo_model(checkpoint, args.train_seconds, args.train_steps)
             print(f"   held-out loss {stats['held_out_loss']:.2f} (uniform {stats['uniform_loss']:.2f}) after "
                   f"{stats['steps']} steps")
         print(f"   {checkpoint} written in {time.perf_counter() - start:.1f} s")
@@ -703,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="run on a random-initialised published architecture instead of the trained "
                    "byte-level default")
     p.add_argument("--train-seconds", type=float, default=30.0, help="training time of the default model (default 30)")
+    p.add_argument("--train-steps", type=int, default=100_000, help="at most this many training steps (a fixed "
+                   "count makes the demo's model the same on every machine, however fast)")
     p.add_argument("--workdir", help="keep the checkpoint and artifact here (default: a temporary folder, removed)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")

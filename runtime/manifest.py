@@ -43,7 +43,62 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{path} has format version {manifest.get('format_version')!r}, this neodeploy reads {FORMAT_VERSION}; "
             "re-export the artifact with this version"
         )
+    check_manifest(manifest, path)
     return manifest
+
+
+_OPTIONAL = object()
+
+
+def check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """Every field the runtime, check, lint and the TensorRT backend read, by type and range: a hand-edited or
+    truncated manifest is one ArtifactError naming the field, never a KeyError or TypeError later."""
+    from neodeploy.errors import ConfigError
+    from neodeploy.reference.spec import ModelSpec
+
+    def fail(field: str, expected: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {field} must be {expected}; re-export the artifact")
+
+    def want(container: Any, key: str, kind, expected: str, where: str, optional: bool = False):
+        if not isinstance(container, dict) or key not in container:
+            if optional:
+                return None
+            raise fail(f"{where}{key}", f"present ({expected})")
+        value = container[key]
+        if optional and value is None:
+            return None
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise fail(f"{where}{key}", expected)
+        return value
+
+    spec = want(manifest, "spec", dict, "an object (the ModelSpec)", "")
+    try:
+        ModelSpec.from_dict(spec)
+    except (ConfigError, TypeError, ValueError) as exc:
+        message = str(exc).split(";")[0] if isinstance(exc, ConfigError) else f"incomplete ({exc})"
+        raise ArtifactError(f"{path}: its spec is not a valid ModelSpec: {message}; re-export the artifact") from None
+    if want(manifest, "precision", str, '"fp32" or "fp16"', "") not in ("fp32", "fp16"):
+        raise fail("precision", '"fp32" or "fp16"')
+    if want(manifest, "max_context", int, "a positive integer", "") < 1:
+        raise fail("max_context", "a positive integer")
+    onnx = want(manifest, "onnx", dict, "an object", "")
+    for key in ("file", "external_data"):
+        want(onnx, key, str, "a file name", "onnx.")
+    for key, allowed in (("kv_cache", ("in-place",)), ("logits", ("last", "all")), ("target", ("portable", "cpu"))):
+        value = want(onnx, key, str, " or ".join(allowed), "onnx.", optional=True)
+        if value is not None and value not in allowed:
+            raise fail(f"onnx.{key}", " or ".join(f'"{a}"' for a in allowed))
+    files = want(manifest, "files", dict, "an object of file name -> sha256", "")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise fail(f"files[{name!r}]", "a sha256 hex digest")
+    tokenizer = want(manifest, "tokenizer", dict, "an object", "", optional=True)
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = want(tokenizer, key, int, "a token id or null", "tokenizer.", optional=True)
+        if value is not None and value < 0:
+            raise fail(f"tokenizer.{key}", "a non-negative token id")
+    for key in ("quantization", "engine", "verification"):
+        want(manifest, key, dict, "an object", "", optional=True)
 
 
 def artifact_path(folder: str | Path, name: Any) -> Path:

@@ -210,3 +210,82 @@ def test_make_checkpoint_options_are_checked(tmp_path):
     for flags, match in ((["--max-shard-size", "0"], "max-shard-size"), (["--seed", "-3"], "seed")):
         result = _cli("make-checkpoint", "--preset", "pythia-14m", tmp_path / "c", *flags)
         assert result.returncode == 2 and match in result.stderr and not (tmp_path / "c").exists()
+
+
+def test_a_hand_edited_manifest_is_one_artifact_error(artifact_copy):
+    for change, match in ((lambda m: m["spec"].pop("num_layers"), "not a valid ModelSpec"),
+                          (lambda m: m.update(onnx="model.onnx"), "onnx must be an object"),
+                          (lambda m: m.update(precision="int8"), "precision must be"),
+                          (lambda m: m.update(max_context=-1), "max_context must be a positive integer"),
+                          (lambda m: m["onnx"].update(kv_cache="sideways"), "onnx.kv_cache"),
+                          (lambda m: m["files"].update({"model.onnx": "abc"}), "sha256 hex digest"),
+                          (lambda m: m["spec"].update(hidden_size="64"), "hidden_size must be a positive integer")):
+        original = (artifact_copy / "neodeploy.json").read_text()
+        _edit(artifact_copy, change)
+        with pytest.raises(ArtifactError, match=match):
+            load(artifact_copy)
+        (artifact_copy / "neodeploy.json").write_text(original)
+    assert load(artifact_copy).generate([1, 2], max_new_tokens=2)[0].output_ids
+
+
+def test_mutated_manifests_load_or_raise_the_typed_error(artifact_copy):
+    """Property: whatever a field is changed to (any JSON value, or removed), load succeeds or raises ArtifactError."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    original = json.loads((artifact_copy / "neodeploy.json").read_text())
+    paths = [(k,) for k in original] + [("spec", k) for k in original["spec"]] + [("onnx", k) for k in original["onnx"]]
+    values = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) |
+                          st.text(max_size=8), lambda inner: st.lists(inner, max_size=3) |
+                          st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=5)
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None)
+    @hypothesis.given(path=st.sampled_from(paths), value=values | st.just("<removed>"))
+    def check(path, value):
+        manifest = json.loads(json.dumps(original))
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        if value == "<removed>":
+            node.pop(path[-1])
+        else:
+            node[path[-1]] = value
+        (artifact_copy / "neodeploy.json").write_text(json.dumps(manifest))
+        try:
+            load(artifact_copy, verify=False)
+        except ArtifactError:
+            pass
+
+    check()
+
+
+def test_mutated_configs_parse_or_raise_config_error():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from neodeploy.errors import ConfigError
+    from neodeploy.reference.spec import hf_config, spec_from_config
+
+    bases = [hf_config(tiny_neox()), hf_config(tiny_neox().replace(rotary_pct=1.0))]
+    from conftest import tiny_neo
+
+    bases.append(hf_config(tiny_neo()))
+    values = st.none() | st.booleans() | st.integers(-3, 1 << 40) | st.floats(allow_nan=True, allow_infinity=True) | \
+        st.text(max_size=6) | st.lists(st.integers(-2, 300), max_size=3) | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)
+
+    @hypothesis.settings(max_examples=200, deadline=None, database=None)
+    @hypothesis.given(base=st.sampled_from(bases), data=st.data())
+    def check(base, data):
+        cfg = dict(base)
+        key = data.draw(st.sampled_from(sorted(cfg) + ["rope_scaling", "rope_parameters", "rotary_emb_base"]))
+        value = data.draw(values | st.just("<removed>"))
+        if value == "<removed>":
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+        try:
+            spec_from_config(cfg)
+        except ConfigError:
+            pass
+
+    check()

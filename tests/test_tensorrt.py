@@ -106,6 +106,14 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     assert not results["operators"].passed and "Unique" in results["operators"].detail
     proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
                           capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "does not match its sha256" in proc.stderr  # an edited graph is caught first
+    from neodeploy.files import sha256
+
+    manifest = json.loads((bad / "neodeploy.json").read_text())
+    manifest["files"]["model.onnx"] = sha256(bad / "model.onnx")  # as if it had been exported so
+    (bad / "neodeploy.json").write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "lint FAILED" in proc.stdout
 
 
