@@ -77,8 +77,9 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     except (ConfigError, TypeError, ValueError) as exc:
         message = str(exc).split(";")[0] if isinstance(exc, ConfigError) else f"incomplete ({exc})"
         raise ArtifactError(f"{path}: its spec is not a valid ModelSpec: {message}; re-export the artifact") from None
-    if want(manifest, "precision", str, '"fp32" or "fp16"', "") not in ("fp32", "fp16"):
-        raise fail("precision", '"fp32" or "fp16"')
+    # Quantised exports record their quantisation here too (the precision / quantisation split is to come).
+    if want(manifest, "precision", str, "fp32, fp16, int8 or int4", "") not in ("fp32", "fp16", "int8", "int4"):
+        raise fail("precision", "fp32, fp16, int8 or int4")
     if want(manifest, "max_context", int, "a positive integer", "") < 1:
         raise fail("max_context", "a positive integer")
     onnx = want(manifest, "onnx", dict, "an object", "")
