@@ -54,6 +54,10 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, limit in (("num_layers", MAX_LAYERS), ("hidden_size", MAX_WIDTH), ("num_heads", MAX_WIDTH),
+                            ("intermediate_size", 4 * MAX_WIDTH), ("max_positions", MAX_POSITIONS)):
+            if getattr(self, name) > limit:
+                raise ConfigError(f"{name} {getattr(self, name)} is beyond {limit}; fix the config")
         if self.vocab_size > MAX_VOCAB:
             raise ConfigError(f"vocab_size {self.vocab_size} is beyond {MAX_VOCAB} (an embedding that size does not fit "
                               "in memory); fix the config")
@@ -160,7 +164,11 @@ def _expand_attention_types(types: Any) -> tuple[str, ...]:
     try:
         out: list[str] = []
         for kinds, repeat in types:
-            for _ in range(int(repeat)):
+            if isinstance(repeat, bool) or not isinstance(repeat, int) or not isinstance(kinds, list):
+                raise TypeError("each entry is [[kinds...], repeat count]")
+            if len(out) + repeat * len(kinds) > MAX_LAYERS:  # before expanding: a huge count must not fill memory
+                raise ConfigError(f"attention_types describes more than {MAX_LAYERS} layers; fix config.json")
+            for _ in range(repeat):
                 out.extend(str(k) for k in kinds)
         return tuple(out)
     except (TypeError, ValueError) as exc:
@@ -207,6 +215,9 @@ def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, float, str | None, fl
 
 
 MAX_VOCAB = 1 << 24  # 16.7M ids: far beyond any published vocabulary, well within int64 and memory
+# Bounds far beyond any published model (gpt-neox-20b: 44 layers, 6144 hidden, 24576 intermediate), checked before
+# anything is sized from them, so a hostile config cannot make us allocate terabytes.
+MAX_LAYERS, MAX_WIDTH, MAX_POSITIONS = 1 << 12, 1 << 20, 1 << 24
 
 
 def _type_error(name: str, expected: str, value: Any) -> ConfigError:
@@ -257,6 +268,15 @@ def _first_id(cfg: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _bounded(fields: dict[str, Any]) -> dict[str, Any]:
+    limits = {"num_layers": MAX_LAYERS, "num_hidden_layers": MAX_LAYERS, "hidden_size": MAX_WIDTH,
+              "max_positions": MAX_POSITIONS, "vocab_size": MAX_VOCAB}
+    for name, value in fields.items():
+        if name in limits and isinstance(value, int) and value > limits[name]:
+            raise ConfigError(f"config.json field {name!r} = {value} is beyond {limits[name]}; fix config.json")
+    return fields
+
+
 def _require(cfg: dict[str, Any], *names: str) -> Any:
     for name in names:
         if cfg.get(name) is not None:
@@ -286,8 +306,9 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         eos_token_id=_first_id(cfg, "eos_token_id"),
         pad_token_id=_first_id(cfg, "pad_token_id"),
     )
+    _bounded(common)
     if model_type == "gpt_neo":
-        num_layers = _require(cfg, "num_layers")
+        num_layers = _bounded({"num_layers": _require(cfg, "num_layers")})["num_layers"]
         if cfg.get("attention_types") is not None:
             layers = _expand_attention_types(cfg["attention_types"])
         elif cfg.get("attention_layers") is not None:
@@ -307,7 +328,7 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
             tied_embeddings=_bool(cfg, "tie_word_embeddings", True),
             **common,
         )
-    num_layers = _require(cfg, "num_hidden_layers")
+    num_layers = _bounded({"num_hidden_layers": _require(cfg, "num_hidden_layers")})["num_hidden_layers"]
     pct, base, scaling, factor = _rope_from_config(cfg)
     return ModelSpec(
         family="gpt_neox",

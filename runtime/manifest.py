@@ -80,8 +80,8 @@ def check_manifest(manifest: dict[str, Any], path: Path) -> None:
     # Quantised exports record their quantisation here too (the precision / quantisation split is to come).
     if want(manifest, "precision", str, "fp32, fp16, int8 or int4", "") not in ("fp32", "fp16", "int8", "int4"):
         raise fail("precision", "fp32, fp16, int8 or int4")
-    if want(manifest, "max_context", int, "a positive integer", "") < 1:
-        raise fail("max_context", "a positive integer")
+    if not 1 <= want(manifest, "max_context", int, "a positive integer", "") <= 1 << 24:
+        raise fail("max_context", "a positive integer (at most 2^24)")
     onnx = want(manifest, "onnx", dict, "an object", "")
     for key in ("file", "external_data"):
         want(onnx, key, str, "a file name", "onnx.")

@@ -195,6 +195,7 @@ def test_a_killed_export_leaves_no_worker_and_its_temp_folder_goes_next_time(exp
     ({"vocab_size": 1 << 40}, "beyond"),
     ({"use_parallel_residual": "yes"}, "'use_parallel_residual' must be true or false"),
     ({"eos_token_id": 999}, "outside the vocabulary"),
+    ({"num_hidden_layers": 1 << 40}, "beyond"),  # refused before ("global",) * layers fills memory
 ])
 def test_config_json_is_checked_by_type_and_range(change, match):
     from neodeploy.errors import ConfigError
@@ -239,7 +240,7 @@ def test_mutated_manifests_load_or_raise_the_typed_error(artifact_copy):
                           st.text(max_size=8), lambda inner: st.lists(inner, max_size=3) |
                           st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=5)
 
-    @hypothesis.settings(max_examples=60, deadline=None, database=None)
+    @hypothesis.settings(max_examples=60, deadline=None, database=None, derandomize=True)
     @hypothesis.given(path=st.sampled_from(paths), value=values | st.just("<removed>"))
     def check(path, value):
         manifest = json.loads(json.dumps(original))
@@ -273,7 +274,7 @@ def test_mutated_configs_parse_or_raise_config_error():
     values = st.none() | st.booleans() | st.integers(-3, 1 << 40) | st.floats(allow_nan=True, allow_infinity=True) | \
         st.text(max_size=6) | st.lists(st.integers(-2, 300), max_size=3) | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)
 
-    @hypothesis.settings(max_examples=200, deadline=None, database=None)
+    @hypothesis.settings(max_examples=200, deadline=None, database=None, derandomize=True)
     @hypothesis.given(base=st.sampled_from(bases), data=st.data())
     def check(base, data):
         cfg = dict(base)
