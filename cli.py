@@ -295,7 +295,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from neodeploy.runtime.engine import EngineConfig
     from neodeploy.runtime.manifest import read_manifest
 
-    read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
+    from neodeploy.runtime.engine import parse_kv_budget
+
+    manifest = read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
+    parse_kv_budget(args.kv_budget, manifest)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
@@ -438,25 +441,20 @@ def _train_demo_model(checkpoint: Path, seconds: float, steps: int) -> dict:
     """A byte-level model trained for `seconds` on the stdlib's docstrings: the demo then shows words."""
     import shutil
 
+    from neodeploy.files import make_temp_dir, normalise_permissions, publish
     from neodeploy.reference import train as training
-    from neodeploy.runtime.tokenizer import write_tokenizer_files
+    from neodeploy.runtime.tokenizer import Tokenizer, write_tokenizer_files
 
     spec = training.byte_model_spec()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{checkpoint.name}.", dir=checkpoint.parent))
+    tmp = make_temp_dir(checkpoint)
     try:
         write_tokenizer_files(tmp, spec, None)
-        from neodeploy.runtime.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_dir(tmp)
-        data = training.token_stream(lambda text: tokenizer.encode(text), training.stdlib_docstrings(1_000_000))
+        data = training.token_stream(tokenizer.encode, training.stdlib_docstrings(1_000_000))
         model, stats = training.train(spec, data, steps=steps, seconds=seconds, lr=6e-3, echo=lambda line: print(" " + line))
         training.save(model, spec, tmp, stats)
-        from neodeploy.files import normalise_permissions
-
         normalise_permissions(tmp)
-        if checkpoint.exists():
-            shutil.rmtree(checkpoint)
-        tmp.rename(checkpoint)
+        publish(tmp, checkpoint)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return stats

@@ -43,6 +43,24 @@ def make_temp_dir(final: Path) -> Path:
     return tmp
 
 
+def publish(tmp: Path, out: Path) -> None:
+    """Rename a finished work folder into place; an existing `out` goes only once the new one is in (and is put
+    back if the rename fails), so a failure never leaves nothing."""
+    import shutil
+
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 def remove_stale_temp_dirs(parent: Path, name: str) -> None:
     import shutil
 

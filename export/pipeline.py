@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from neodeploy.export import fuse, graph, refcache, verify
 from neodeploy.progress import live
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
-from neodeploy.files import check_destination, make_temp_dir, normalise_permissions
+from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish
 from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -196,7 +195,7 @@ def export(
                 if in_place:
                     manifest["onnx"]["kv_cache"] = "in-place"
             write_manifest(tmp, manifest)
-            _publish(tmp, out_dir)
+            publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -249,18 +248,3 @@ def _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, result
         "stage_seconds": times,
         "versions": _versions(),
     }
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an old OUT_DIR (only with --overwrite) goes only once the new one is in."""
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        try:
-            tmp.rename(out_dir)
-        except BaseException:
-            old.rename(out_dir)  # put the previous artifact back rather than leave nothing
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)

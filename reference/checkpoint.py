@@ -24,7 +24,7 @@ from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
 from neodeploy.progress import live
-from neodeploy.files import normalise_permissions, check_destination, make_temp_dir
+from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -265,9 +265,7 @@ def make_checkpoint(
         (tmp / "config.json").write_text(json.dumps(hf_config(spec, dtype_name), indent=2) + "\n")
         write_tokenizer_files(tmp, spec, tokenizer_dir)
         normalise_permissions(tmp)  # safetensors writes 0600 and the rest 0644: one mode, as artifacts have
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -217,15 +217,13 @@ BACKENDS = ("onnxruntime", "tensorrt")
 def kernel_rotary(spec: dict):
     """The table GroupQueryAttention rotates keys with, where the CPU target moved rotary into the kernel: GPT-NeoX
     with rotary_dims / 2 a multiple of 8 (reference.gpt_neox.use_fused_attention makes the same choice)."""
+    from neodeploy.reference.spec import ModelSpec  # torch-free
     from neodeploy.runtime.batch import RotaryTable
 
-    if spec.get("family") != "gpt_neox":
+    model = ModelSpec.from_dict(spec)
+    if model.family != "gpt_neox" or (model.rotary_dims // 2) % 8:
         return None
-    dims = int(spec["hidden_size"] // spec["num_heads"] * spec["rotary_pct"])
-    if dims % 2 or (dims // 2) % 8:
-        return None
-    factor = spec.get("rope_scaling_factor") or 1.0 if spec.get("rope_scaling_type") == "linear" else 1.0
-    return RotaryTable(dims, spec["rotary_base"], factor)
+    return RotaryTable(model.rotary_dims, model.rotary_base, model.rope_scaling_factor)
 
 
 def create_backend(name: str | None, artifact: Path, manifest: dict, providers: list[str] | None = None,

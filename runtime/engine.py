@@ -267,9 +267,6 @@ class Engine:
                 self._lock.notify_all()
             self._thread.join()
 
-    def drain(self, timeout: float) -> None:
-        self.close(timeout, cancel=True)
-
     def _cancel(self, handle: Handle) -> None:
         with self._lock:
             if not handle.done:

@@ -243,7 +243,7 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
                 h.cancel()  # a no-op for finished requests; frees the slots of a client that went away
         choices = []
         for index, (handle, generation) in enumerate(zip(handles, results)):
-            prompt_text = model_text(state.model, handle.prompt_ids) if req.echo else ""
+            prompt_text = state.model.decode(handle.prompt_ids) if req.echo else ""
             choices.append(_choice(req, index, prompt_text + generation.text, _finish(generation.finish_reason),
                                    generation.logprobs, generation.output_ids))
         body = {"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
@@ -272,7 +272,7 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
                     yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
                 elif req.echo:
-                    yield chunk([_choice(req, index, model_text(state.model, handle.prompt_ids), None, [], [])])
+                    yield chunk([_choice(req, index, state.model.decode(handle.prompt_ids), None, [], [])])
                 async for delta in handle:
                     samples = [delta.sample] if req.logprobs is not None and delta.kept else []
                     finish = _finish(delta.finish_reason) if delta.finish_reason else None
@@ -322,10 +322,6 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
 
 class ModelNotFound(UsageError):
     """The request names a model this server does not serve (404)."""
-
-
-def model_text(model, ids) -> str:
-    return model.decode(ids)
 
 
 def _finish(reason: str) -> str:
