@@ -14,10 +14,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from neodeploy.errors import UsageError
+
+if TYPE_CHECKING:
+    from neodeploy.runtime.manifest import Manifest
 
 SYSTEMS = ("neodeploy", "reference", "transformers", "optimum")
 
@@ -185,19 +189,19 @@ def _run_once(runner: Runner, ids: np.ndarray, new_tokens: int) -> tuple[float, 
     return prefill * 1e3, (time.perf_counter() - start) * 1e3 / max(new_tokens - 1, 1)
 
 
-def weight_bytes_per_token(artifact: Path, manifest: dict) -> int:
+def weight_bytes_per_token(artifact: Path, manifest: Manifest) -> int:
     """Bytes of weights one decode step reads: every initializer except those only a Gather consumes (an
     embedding lookup reads one row per token). Falls back to the data file less the input embedding when
     onnx is not installed."""
     try:
         import onnx
     except ImportError:
-        spec = manifest["spec"]
-        total = (artifact / manifest["onnx"]["external_data"]).stat().st_size
-        if not spec["tied_embeddings"]:
-            total -= spec["vocab_size"] * spec["hidden_size"] * (2 if manifest["precision"] == "fp16" else 4)
+        spec = manifest.spec
+        total = (artifact / manifest.onnx.external_data).stat().st_size
+        if not spec.tied_embeddings:
+            total -= spec.vocab_size * spec.hidden_size * (2 if manifest.dtype == "fp16" else 4)
         return max(total, 0)
-    model = onnx.load(str(artifact / manifest["onnx"]["file"]), load_external_data=False)
+    model = onnx.load(str(artifact / manifest.onnx.file), load_external_data=False)
     consumers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -229,9 +233,12 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         raise UsageError(f"unknown system {unknown[0]!r} in --compare; choose from {', '.join(SYSTEMS[1:])}")
     if prompt < 1 or new_tokens < 2 or repeat < 1 or not batches or min(batches) < 1:
         raise UsageError("--prompt >= 1, --new-tokens >= 2, --repeat >= 1 and batches >= 1 are required")
-    if prompt + new_tokens > manifest["max_context"]:
-        raise UsageError(f"--prompt + --new-tokens exceeds the artifact's context of {manifest['max_context']}")
-    checkpoint = Path(checkpoint or manifest["source"]["checkpoint"])
+    if prompt + new_tokens > manifest.max_context:
+        raise UsageError(f"--prompt + --new-tokens exceeds the artifact's context of {manifest.max_context}")
+    source = manifest.data.get("source")
+    if checkpoint is None and not (isinstance(source, dict) and isinstance(source.get("checkpoint"), str)):
+        raise UsageError(f"{artifact}'s manifest does not say which checkpoint it came from; pass --checkpoint")
+    checkpoint = Path(checkpoint or source["checkpoint"])
     skipped: list[dict] = []
     runners: dict[str, Runner] = {}
     memory: dict[str, float] = {}
@@ -259,7 +266,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     per_token = weight_bytes_per_token(artifact, manifest)
     floor_ms = per_token / (bandwidth * 1e9) * 1e3
     rng = np.random.default_rng(0)
-    vocab = manifest["spec"]["vocab_size"]
+    vocab = manifest.spec.vocab_size
     results: list[Result] = []
     for batch in batches:
         ids = rng.integers(0, vocab, size=(batch, prompt), dtype=np.int64)
@@ -290,9 +297,9 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
                     "prefill_speedup": by[peer]["prefill_ms"]["median"] / ours["prefill_ms"]["median"],
                 }
     return {
-        "artifact": str(artifact), "checkpoint": str(checkpoint), "precision": manifest["precision"],
-        "model": {"family": manifest["spec"]["family"], "layers": manifest["spec"]["num_layers"],
-                  "hidden": manifest["spec"]["hidden_size"]},
+        "artifact": str(artifact), "checkpoint": str(checkpoint), "precision": manifest.precision,
+        "model": {"family": manifest.spec.family, "layers": manifest.spec.num_layers,
+                  "hidden": manifest.spec.hidden_size},
         "config": {"batches": list(batches), "prompt": prompt, "new_tokens": new_tokens, "repeat": repeat},
         "machine": {"copy_bandwidth_gbs": bandwidth, "cpu_count": __import__("os").cpu_count()},
         "weights": {"bytes_per_token": per_token, "floor_ms_per_token": floor_ms},

@@ -51,7 +51,7 @@ def _spec_with_overrides(args: argparse.Namespace) -> ModelSpec:
 
 def _sizes_table(spec: ModelSpec) -> list[tuple[str, str]]:
     n = spec.num_parameters()
-    kv_per_token = 2 * spec.num_layers * spec.hidden_size
+    kv_per_token = spec.kv_values_per_token
     rows = [
         ("family", spec.family),
         ("layers / hidden / heads / head dim", f"{spec.num_layers} / {spec.hidden_size} / {spec.num_heads} / {spec.head_dim}"),
@@ -97,32 +97,37 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _artifact_rows(folder: Path, manifest: dict) -> list[tuple[str, str]]:
-    onnx, verification = manifest.get("onnx") or {}, manifest.get("verification") or {}
-    quant = manifest.get("quantization") or {}
-    files = manifest.get("files") or {}
-    size = sum((folder / name).stat().st_size for name in files if (folder / name).is_file())
-    rows = [("precision", str(manifest.get("precision"))),
-            ("target", onnx.get("target", "portable")),
-            ("quantisation", f"{quant.get('method', quant.get('ops', 'yes'))}" if quant else "none"),
-            ("KV cache", onnx.get("kv_cache", "concatenated (portable)")),
-            ("logits", onnx.get("logits", "all positions")),
-            ("max context", str(manifest.get("max_context"))),
-            ("opset", str(onnx.get("opset", manifest.get("opset")))),
-            ("files", f"{len(files)}, {human_bytes(size)}")]
-    cases = [c for c in verification.get("cases") or [] if isinstance(c, dict)] if isinstance(verification, dict) else []
+def _artifact_rows(manifest) -> list[tuple[str, str]]:
+    onnx, quant, data = manifest.onnx, manifest.quantization, manifest.data
+    size = sum((manifest.folder / n).stat().st_size for n in manifest.files if (manifest.folder / n).is_file())
+    rows = [("dtype", manifest.dtype),
+            ("quantisation", f"{quant['method']} ({quant.get('ops', '')})" if quant else "none"),
+            ("target", onnx.target),
+            ("KV cache", onnx.kv_cache + (f", rotary in the {onnx.rotary}" if onnx.kv_cache == "in-place" else "")),
+            ("logits", "last position" if onnx.logits == "last" else "all positions"),
+            ("max context", str(manifest.max_context)),
+            ("KV cache / token", human_bytes(manifest.kv_bytes_per_token)),
+            ("opset", str(onnx.opset)),
+            ("files", f"{len(manifest.files)}, {human_bytes(size)}")]
+    verification = data.get("verification") or {}
+    cases = [c for c in verification.get("cases") or [] if isinstance(c, dict)]
     if cases:
         worst = max(c.get("max_abs_error", 0) / (c.get("scale") or 1) for c in cases)
         agree = sum(c.get("greedy_agree", 0) for c in cases), sum(c.get("greedy_total", 0) for c in cases)
         rows.append(("verification at export", f"{len(cases)} golden cases, max |Δlogit| {worst:.2g} x logit scale "
                      f"(bound {verification.get('tolerance_relative')}), greedy {agree[0]}/{agree[1]}"))
-    if onnx.get("fused"):
-        rows.append(("fused ops", ", ".join(f"{op} x{n}" for op, n in onnx["fused"].items())))
-    if manifest.get("stage_seconds"):
-        rows.append(("export stages", ", ".join(f"{k} {v:g} s" for k, v in manifest["stage_seconds"].items())))
-    engine = manifest.get("engine")
-    rows.append(("TensorRT engine", f"{engine.get('tensorrt')} for {engine.get('gpu')} ({engine.get('profile', {}).get('name') if isinstance(engine.get('profile'), dict) else engine.get('profile')})"
-                 if isinstance(engine, dict) else "none (neodeploy build-engine)"))
+    if onnx.fused:
+        rows.append(("fused ops", ", ".join(f"{op} x{n}" for op, n in onnx.fused.items())))
+    if isinstance(data.get("stage_seconds"), dict):
+        rows.append(("export stages", ", ".join(f"{k} {v:g} s" for k, v in data["stage_seconds"].items())))
+    engine = manifest.engine
+    if engine:
+        gpu = engine.get("gpu") if isinstance(engine.get("gpu"), dict) else {}
+        profile = engine.get("profile") if isinstance(engine.get("profile"), dict) else {}
+        rows.append(("TensorRT engine", f"TensorRT {engine['tensorrt_version']} for {gpu.get('name', '?')} "
+                                        f"(profile {profile.get('name', '?')})"))
+    else:
+        rows.append(("TensorRT engine", "none (neodeploy build-engine)"))
     return rows
 
 
@@ -133,12 +138,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from neodeploy.runtime.manifest import read_manifest
 
         manifest = read_manifest(args.checkpoint)
-        spec = ModelSpec.from_dict(manifest["spec"])
+        spec = manifest.spec
         if args.json:
-            print(json.dumps({**manifest, "num_parameters": spec.num_parameters()}, indent=2))
+            print(json.dumps({**manifest.data, "precision": manifest.precision,
+                              "num_parameters": spec.num_parameters()}, indent=2))
             return 0
         print(f"{args.checkpoint} (neodeploy artifact):")
-        _print_rows(_artifact_rows(Path(args.checkpoint), manifest) + _sizes_table(spec))
+        _print_rows(_artifact_rows(manifest) + _sizes_table(spec))
         return 0
     spec = preset(args.preset) if args.preset else load_spec(args.checkpoint)
     if args.json:
@@ -340,7 +346,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     model = load(args.artifact, backend=args.backend)
     results = run_check(model)
-    print(f"check {args.artifact} ({model.backend.name}, {model.manifest['precision']}) against golden.npz:")
+    print(f"check {args.artifact} ({model.backend.name}, {model.manifest.precision}) against golden.npz:")
     print(table(results))
     if args.report:
         write_report(Path(args.report), model, results)
@@ -408,13 +414,12 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from neodeploy.profiles import ProfileError, load_profile, shipped
     from neodeploy.runtime.manifest import read_manifest
 
-    manifest = read_manifest(args.artifact)
     from neodeploy.runtime.manifest import verify_files
 
-    verify_files(args.artifact, manifest)  # a corrupt or truncated graph is one line, as in load
-    onnx = manifest.get("onnx") or {}
-    if onnx.get("target") == "cpu" or manifest.get("quantization"):
-        what = "a --target cpu export" if onnx.get("target") == "cpu" else "a quantised export"
+    manifest = read_manifest(args.artifact)
+    verify_files(manifest)  # a corrupt or truncated graph is one line, as in load
+    if manifest.onnx.target == "cpu" or manifest.quantization:
+        what = "a --target cpu export" if manifest.onnx.target == "cpu" else "a quantised export"
         print(f"lint {args.artifact}: FAIL  this is {what} (onnxruntime-only ops); TensorRT builds from a portable fp16 "
               "export: neodeploy export CHECKPOINT OUT --precision fp16")
         return 1
@@ -430,7 +435,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
             print(f"lint {args.artifact}, profile {profile.name!r}: FAIL  {exc}")
             passed = False
             continue
-        print(f"lint {args.artifact} ({manifest['precision']}) for TensorRT, profile {profile.name!r} ({profile.description}):")
+        print(f"lint {args.artifact} ({manifest.precision}) for TensorRT, profile {profile.name!r} ({profile.description}):")
         print(table(results))
         passed &= all(r.passed for r in results)
     print("lint passed" if passed else "lint FAILED")
@@ -755,6 +760,11 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as exc:  # the environment failed (disk full, permissions, a vanished file): one line, not a trace
+        from neodeploy.files import os_reason
+
+        print(f"neodeploy: error: {os_reason(exc)}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
     except ModuleNotFoundError as exc:  # a stage whose extra is not installed: say which, never a traceback
         root = (exc.name or "").split(".")[0]
         extra = next((e for e, modules in EXTRAS.items() if root in modules), None)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +21,8 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def check_destination(out: Path, overwrite: bool, error: type[Exception]) -> None:
     """A new folder may be created at `out` (or replaced, with overwrite): refuse before any work is done."""
+    if out.resolve().parent.is_dir():
+        recover_interrupted(out.resolve())
     if out.exists() and not overwrite:
         raise error(f"{out} already exists; choose another folder or pass --overwrite")
     if out.exists() and not out.is_dir():
@@ -29,12 +34,28 @@ def check_destination(out: Path, overwrite: bool, error: type[Exception]) -> Non
         raise error(f"cannot write to {parent}; choose a writable destination")
 
 
+def os_reason(exc: Exception) -> str:
+    """strerror where the OS gave one; numpy, safetensors and others raise with only a message."""
+    return getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def write_failed(exc: Exception, where: Path, error: type[Exception], need_bytes: int | None = None) -> Exception:
+    """The one line for a write that failed (disk full, quota, read-only, permissions) while building `where`:
+    what failed, where, and that nothing was published (the work folder is removed, an old `where` is kept)."""
+    reason = os_reason(exc)
+    need = f" (it needs about {need_bytes / 1e6:.0f} MB)" if need_bytes else ""
+    kept = "; the existing folder is unchanged" if where.exists() else ""
+    return error(f"cannot write {where}: {reason}; free space{need} or choose another destination "
+                 f"(nothing was published{kept})")
+
+
 def make_temp_dir(final: Path) -> Path:
     """A work folder beside `final` (same filesystem, so publishing is one rename), with the permissions a
     plain mkdir would give rather than mkdtemp's private 0700. Its name carries this process's pid, and folders
     that an earlier run into the same place left behind (its process no longer exists: killed, power cut) are
     removed first."""
     parent = final.resolve().parent
+    recover_interrupted(parent / final.name)
     remove_stale_temp_dirs(parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
     umask = os.umask(0)
@@ -43,27 +64,69 @@ def make_temp_dir(final: Path) -> Path:
     return tmp
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename a finished work folder into place; an existing `out` goes only once the new one is in (and is put
-    back if the rename fails), so a failure never leaves nothing."""
-    import shutil
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the platform or filesystem
+    cannot, so the caller falls back to two renames."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+
+def publish(tmp: Path, out: Path) -> None:
+    """Put a finished work folder in place of `out`. An existing `out` is swapped with the new folder in one
+    atomic exchange where Linux allows it; elsewhere it is renamed aside first, and if the process dies between the
+    two renames the next run into the same place (recover_interrupted) puts it back. A failure never leaves
+    nothing at `out`."""
+    if not out.exists():
         tmp.rename(out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted(out: Path) -> None:
+    """Undo what a publish killed between its two renames left: the old folder, renamed aside, goes back to `out`
+    if nothing took its place; if the new one did get in, the old one is removed."""
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or not Path("/proc/self").exists():
+            continue
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(out)
+
+
+def link_files(src: Path, dest: Path, skip: set[str]) -> None:
+    """Hard-link (copy where links are not allowed) every file of `src` into `dest`: a new version of a folder
+    whose unchanged files cost no space or time."""
+    for path in src.iterdir():
+        if path.is_file() and not path.is_symlink() and path.name not in skip:
+            try:
+                os.link(path, dest / path.name)
+            except OSError:
+                shutil.copy2(path, dest / path.name)
 
 
 def remove_stale_temp_dirs(parent: Path, name: str) -> None:
-    import shutil
-
     for path in parent.glob(f".{name}.*.tmp"):
         pid = path.name[len(name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():

@@ -99,15 +99,15 @@ def validate(model: Model, checkpoint: str | Path, prompts: list[str] | None = N
              layerwise: bool = False, echo=print) -> Report:
     from neodeploy.reference.checkpoint import load_checkpoint
 
-    precision = model.manifest["precision"]
+    precision = model.manifest.precision
     tol = TOLERANCES[precision]
     if model.tokenizer is None:
         raise UsageError(f"{model.artifact} has no tokenizer; validate runs text prompts, export from a checkpoint "
                          "with tokenizer files")
-    if layerwise and "quantization" in model.manifest:
+    if layerwise and model.manifest.quantization:
         raise UsageError("--layerwise compares unquantised blocks; run it on the fp32 or fp16 export of this model")
     reference = load_checkpoint(checkpoint)
-    if reference.spec.to_dict() != model.manifest["spec"]:
+    if reference.spec != model.manifest.spec:
         raise UsageError(f"{checkpoint} is not the checkpoint this artifact was exported from (the specs differ)")
     prompts = list(prompts or DEFAULT_PROMPTS)
     reports = []
@@ -169,7 +169,7 @@ def _perplexities(model: Model, reference) -> dict:
     text_ids = text_ids[: min(256, model.max_context)]
     ids = np.array([text_ids], np.int64)
     mask = np.ones_like(ids)
-    if model.manifest["onnx"].get("logits", "all") == "all":
+    if model.manifest.onnx.logits == "all":
         ours = model.backend.score(ids, mask, position_ids(mask))[0]
     else:  # last-position graphs (CPU target): one cached step per token gives every position's logits
         ours = _runtime_step_logits(model, text_ids[:1], text_ids[1:] + [0])
@@ -189,14 +189,14 @@ def _layerwise(model: Model, reference, checkpoint, ids: list[int], tolerance: f
 
     from neodeploy.export import graph
 
-    precision = model.manifest["precision"]
+    precision = model.manifest.dtype
     spec = reference.spec
     with tempfile.TemporaryDirectory(prefix="neodeploy-layerwise-") as tmp:
         path = Path(tmp) / "debug.onnx"
         echo(f"layerwise: exporting a debug graph with {spec.num_layers + 1} hidden-state outputs ({precision}) ...")
-        graph.trace_in_subprocess(Path(checkpoint), path, model.manifest["onnx"]["opset"], precision, hidden_states=True)
+        graph.trace_in_subprocess(Path(checkpoint), path, model.manifest.onnx.opset, precision, hidden_states=True)
         graph.convert(path, spec, precision, hidden_states=True)
-        _bind_artifact_weights(path, model.artifact / model.manifest["onnx"]["file"])
+        _bind_artifact_weights(path, model.artifact / model.manifest.onnx.file)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         kv = np.float16 if precision == "fp16" else np.float32
         feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),

@@ -2,49 +2,44 @@
 
 Written against the TensorRT 10/11 Python API and Polygraphy's loaders; it cannot run on a machine
 without an NVIDIA GPU, so everything around it (profiles, lint, manifest) is tested on CPU and the
-build itself by GPU-only tests. Precision lives in the graph: TensorRT >= 10.12 parses it into a
-strongly typed network (the only mode of TensorRT 11), so the Casts of the fp32 islands are obeyed;
-older TensorRT builds with the FP16 flag and pins the fp32 layers explicitly.
+build itself by GPU-only tests. Precision lives in the graph: TensorRT parses it into a strongly typed
+network (TensorRT >= 10.0; the only mode of TensorRT 11), so the Casts of the fp32 islands are obeyed.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from neodeploy.errors import ArtifactError, UsageError
-from neodeploy.files import sha256
+from neodeploy.files import link_files, make_temp_dir, publish
 from neodeploy.profiles import DeploymentProfile, load_profile, trt_profiles
 from neodeploy.runtime.gpu import gpu_info, import_tensorrt
-from neodeploy.runtime.manifest import MANIFEST, read_manifest, verify_files
+from neodeploy.runtime.manifest import MANIFEST, Manifest, read_manifest, verify_files, write_manifest
 
 ENGINE = "model.engine"
-STRONGLY_TYPED_SINCE = (10, 12)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+def _write_engine(host_memory, path: Path, chunk: int = 1 << 26) -> tuple[int, str]:
+    """Stream TensorRT's serialized engine (IHostMemory: the buffer protocol, no len()) to `path`, hashing as it
+    goes: `bytes(...)` would hold a second copy of an engine as large as the weights (≈ 40 GB for gpt-neox-20b)."""
+    import hashlib
 
-
-def _pin_fp32_islands(network, trt) -> int:
-    """Weakly typed fallback (TensorRT < 10.12): keep every layer the graph computes in fp32 in fp32."""
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE, trt.LayerType.CAST):
-            continue
-        outputs = [layer.get_output(k) for k in range(layer.num_outputs)]
-        if outputs and all(o.dtype == trt.float32 for o in outputs):
-            layer.precision = trt.float32
-            for k in range(layer.num_outputs):
-                layer.set_output_type(k, trt.float32)
-            pinned += 1
-    return pinned
+    view = memoryview(host_memory).cast("B")
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for start in range(0, view.nbytes, chunk):
+            block = view[start : start + chunk]
+            digest.update(block)
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return view.nbytes, digest.hexdigest()
 
 
 def _heartbeat(echo: Callable[[str], None], stop: threading.Event, start: float) -> None:
@@ -57,17 +52,19 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     deployment: DeploymentProfile = load_profile(profile)
-    shapes = trt_profiles(deployment, manifest)  # refuses a profile that does not fit, before any GPU work
-    if manifest["precision"] != "fp16":
-        raise UsageError(f"{artifact} is an {manifest['precision']} export; TensorRT engines are built from fp16 "
+    if manifest.dtype != "fp16" or manifest.quantization:
+        raise UsageError(f"{artifact} is an {manifest.precision} export; TensorRT engines are built from fp16 "
                          "exports: run neodeploy export --precision fp16")
-    if manifest["onnx"].get("target", "portable") != "portable":
+    if manifest.onnx.target != "portable":
         raise UsageError(f"{artifact} is a CPU-target export (onnxruntime-only fused ops); build engines from the "
                          "portable export: neodeploy export --precision fp16")
+    shapes = trt_profiles(deployment, manifest.spec, manifest.max_context)  # a profile that does not fit: before GPU work
     if not 0 <= opt_level <= 5:
         raise UsageError(f"--opt-level must be 0..5, got {opt_level}")
-    onnx_file = artifact / manifest["onnx"]["file"]
-    verify_files(artifact, manifest, [manifest["onnx"]["file"], manifest["onnx"]["external_data"]])
+    if workspace_gib is not None and not workspace_gib > 0:
+        raise UsageError(f"--workspace must be a positive number of GiB, got {workspace_gib}")
+    onnx_file = artifact / manifest.onnx.file
+    verify_files(manifest, [manifest.onnx.file, manifest.onnx.external_data])
     trt = import_tensorrt()
     gpu = gpu_info()
     try:
@@ -76,18 +73,11 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     except ImportError as exc:
         raise UsageError(f"build-engine needs polygraphy ({exc}): pip install 'neodeploy[trt]'") from exc
 
-    version = trt.__version__
-    strongly_typed = _version_tuple(version) >= STRONGLY_TYPED_SINCE
-    echo(f"[1/3] parse {onnx_file.name} with TensorRT {version} on {gpu['name']} (sm {gpu['compute_capability']}), "
-         f"{'strongly typed' if strongly_typed else 'FP16 flag with fp32 islands pinned'}")
-    if strongly_typed:
-        network = NetworkFromOnnxPath(str(onnx_file), strongly_typed=True)
-    else:
-        def network():
-            builder, net, parser = NetworkFromOnnxPath(str(onnx_file))()
-            echo(f"      pinned {_pin_fp32_islands(net, trt)} fp32 layers")
-            return builder, net, parser
-
+    # Strongly typed (TensorRT >= 10.0, Polygraphy >= 0.49.9; the only mode of TensorRT 11): the graph's Casts
+    # decide precision, so the fp32 islands stay fp32 without per-layer pinning.
+    echo(f"[1/3] parse {onnx_file.name} with TensorRT {trt.__version__} on {gpu['name']} "
+         f"(sm {gpu['compute_capability']}), strongly typed")
+    network = NetworkFromOnnxPath(str(onnx_file), strongly_typed=True)
     profiles = []
     for name in ("context", "generation"):
         p = Profile()
@@ -98,8 +88,6 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)  # Polygraphy saves it only after the build
     config = CreateConfig(
-        fp16=not strongly_typed,
-        precision_constraints=None if strongly_typed else "obey",
         profiles=profiles,
         load_timing_cache=str(cache) if cache and cache.is_file() else None,
         builder_optimization_level=opt_level,
@@ -112,25 +100,18 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
     beat = threading.Thread(target=_heartbeat, args=(echo, stop, start), daemon=True)
     beat.start()
     try:
-        # IHostMemory (buffer protocol, no len()): copy it out once.
-        engine_bytes = bytes(EngineBytesFromNetwork(network, config=config,
-                                                    save_timing_cache=str(cache) if cache else None)())
+        host_memory = EngineBytesFromNetwork(network, config=config, save_timing_cache=str(cache) if cache else None)()
     except PolygraphyException as exc:
         raise ArtifactError(f"TensorRT could not build the engine ({str(exc).splitlines()[0]}); "
                             f"run neodeploy lint {artifact} --profile {deployment.name}") from exc
     finally:
         stop.set()
     seconds = time.perf_counter() - start
-    echo(f"[3/3] write {ENGINE} ({len(engine_bytes) / 1e6:.1f} MB) after {seconds:.0f} s")
-    tmp = artifact / f".{ENGINE}.tmp"
-    tmp.write_bytes(engine_bytes)
-    os.replace(tmp, artifact / ENGINE)
-    manifest["engine"] = {
+    engine = {
         "file": ENGINE,
-        "sha256": sha256(artifact / ENGINE),
-        "tensorrt_version": version,
+        "tensorrt_version": trt.__version__,
         "gpu": gpu,
-        "strongly_typed": strongly_typed,
+        "strongly_typed": True,
         "optimization_level": opt_level,
         "profile": {"name": deployment.name, "description": deployment.description,
                     "batch": vars(deployment.batch), "prompt": vars(deployment.prompt), "context": vars(deployment.context)},
@@ -138,8 +119,27 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
         "build_seconds": round(seconds, 1),
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    manifest["files"][ENGINE] = manifest["engine"]["sha256"]
-    tmp_manifest = artifact / f".{MANIFEST}.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp_manifest, artifact / MANIFEST)
+    return publish_engine(manifest, host_memory, engine, echo)
+
+
+def publish_engine(manifest: Manifest, host_memory, engine: dict, echo: Callable[[str], None] = print) -> Path:
+    """Write the engine and the updated manifest into a work folder beside the artifact (its other files
+    hard-linked, not copied) and publish it as export does: the artifact is never half-updated, and an old engine
+    stays valid until the new one is in."""
+    artifact = manifest.folder
+    try:
+        tmp = make_temp_dir(artifact)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write beside {artifact} ({exc.strerror}); build-engine needs a writable folder") from exc
+    try:
+        link_files(artifact, tmp, skip={ENGINE, MANIFEST})
+        size, digest = _write_engine(host_memory, tmp / ENGINE)
+        echo(f"[3/3] write {ENGINE} ({size / 1e6:.1f} MB) after {engine['build_seconds']:.0f} s")
+        files = {n: d for n, d in manifest.files.items() if n != ENGINE} | {ENGINE: digest}
+        write_manifest(tmp, {**manifest.fields(), "engine": {**engine, "sha256": digest}}, files=files)
+        publish(tmp, artifact)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write the engine beside {artifact} ({exc.strerror}); the artifact is unchanged") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return artifact / ENGINE

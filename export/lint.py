@@ -1,9 +1,9 @@
 """`neodeploy lint`: is this artifact ready for TensorRT? Everything checkable without a GPU.
 
 1. every op is in the TensorRT ONNX parser's support list (package data `trt_onnx_ops.json`, with its
-   source and version);
+   source and version), and each node's data type is one that list gives for its op;
 2. no If / Loop / Scan;
-3. the inputs' dtypes and the bindings they need (INT64 ids and masks bind as INT64 since TensorRT 9);
+3. the inputs' dtypes and the bindings they need (INT64 ids and masks bind as INT64 on TensorRT >= 10);
 4. shape inference at min / opt / max of both derived optimisation profiles gives the expected logits and
    present shapes;
 5. polygraphy's `check lint` (onnxruntime-based), when polygraphy is installed.
@@ -23,10 +23,11 @@ from pathlib import Path
 import onnx
 
 from neodeploy.profiles import DeploymentProfile, trt_profiles
+from neodeploy.runtime.manifest import Manifest
 
 OPS_FILE = "trt_onnx_ops.json"
 DTYPE_BINDINGS = {
-    onnx.TensorProto.INT64: "INT64 (TensorRT >= 9 binds it natively)",
+    onnx.TensorProto.INT64: "INT64 (TensorRT >= 10 binds it natively)",
     onnx.TensorProto.FLOAT: "FP32",
     onnx.TensorProto.FLOAT16: "FP16",
     onnx.TensorProto.INT32: "INT32",
@@ -55,6 +56,37 @@ def check_ops(model: onnx.ModelProto) -> LintResult:
     return LintResult("operators", not missing, detail, used)
 
 
+_DOC_TYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
+              onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.BOOL: "BOOL",
+              onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.INT8: "INT8", onnx.TensorProto.DOUBLE: "DOUBLE"}
+
+
+def check_op_types(model: onnx.ModelProto) -> LintResult:
+    """Each node's data type (its first input's, or its output's for a node without inputs) against the types
+    the parser's support list gives for that op: e.g. an fp64 Mul, or an INT64 MatMul, fails here, not at build."""
+    table = supported_ops()["supported"]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]}
+    types.update({t.name: t.data_type for t in inferred.graph.initializer})
+    bad, checked = {}, 0
+    for node in inferred.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in table:
+            continue  # unknown ops are check_ops' finding
+        operand = next((n for n in node.input if n), None) or (node.output[0] if node.output else None)
+        elem = types.get(operand) if operand else None
+        if not elem:
+            continue  # not inferable statically; polygraphy and the build judge it
+        checked += 1
+        allowed = {t.strip() for t in table[node.op_type].split(",")}
+        name = _DOC_TYPES.get(elem, onnx.TensorProto.DataType.Name(elem))
+        if name not in allowed:
+            bad.setdefault(f"{node.op_type} on {name}", node.name)
+    detail = (f"{checked} nodes' data types are in the parser's list for their op" if not bad else
+              "types the TensorRT parser does not list: " + ", ".join(f"{k} (e.g. {v})" for k, v in list(bad.items())[:5]))
+    return LintResult("operator types", not bad, detail, sorted(bad))
+
+
 def check_control_flow(model: onnx.ModelProto) -> LintResult:
     bad = sorted({n.op_type for n in model.graph.node if n.op_type in ("If", "Loop", "Scan")})
     return LintResult("control flow", not bad, "no If/Loop/Scan" if not bad else f"graph has {', '.join(bad)} nodes")
@@ -71,12 +103,11 @@ def check_bindings(model: onnx.ModelProto) -> LintResult:
     return LintResult("bindings", not bad, f"{len(items)} I/O tensors" + (f"; unsupported: {bad}" if bad else ""), items)
 
 
-def check_shapes(model: onnx.ModelProto, manifest: dict, profile: DeploymentProfile) -> LintResult:
+def check_shapes(model: onnx.ModelProto, manifest: Manifest, profile: DeploymentProfile) -> LintResult:
     """Concrete shape inference at each (min, opt, max) point of both profiles."""
-    spec = manifest["spec"]
-    heads, head_dim = spec["num_heads"], spec["hidden_size"] // spec["num_heads"]
+    heads, head_dim = manifest.spec.num_heads, manifest.spec.head_dim
     items, bad = [], []
-    for pname, inputs in trt_profiles(profile, manifest).items():
+    for pname, inputs in trt_profiles(profile, manifest.spec, manifest.max_context).items():
         for k, point in enumerate(("min", "opt", "max")):
             concrete = onnx.ModelProto()
             concrete.CopyFrom(model)
@@ -87,7 +118,7 @@ def check_shapes(model: onnx.ModelProto, manifest: dict, profile: DeploymentProf
                     dim.dim_value = size
             batch, seq = inputs["input_ids"][k]
             total = inputs["attention_mask"][k][1]
-            want = {"logits": [batch, seq, spec["vocab_size"]], "present.0.key": [batch, heads, total, head_dim]}
+            want = {"logits": [batch, seq, manifest.spec.vocab_size], "present.0.key": [batch, heads, total, head_dim]}
             try:
                 inferred = onnx.shape_inference.infer_shapes(concrete, strict_mode=True, data_prop=True)
             except Exception as exc:  # onnx raises InferenceError and plain RuntimeErrors
@@ -125,11 +156,12 @@ def check_polygraphy(path: Path) -> LintResult:
                       f"{len(passing)} nodes pass" + (f", {len(failing)} fail: {failing[:5]}" if failing else ""), failing)
 
 
-def lint(artifact: Path, manifest: dict, profile: DeploymentProfile, run_polygraphy: bool = True) -> list[LintResult]:
-    path = artifact / manifest["onnx"]["file"]
+def lint(artifact: Path, manifest: Manifest, profile: DeploymentProfile, run_polygraphy: bool = True) -> list[LintResult]:
+    path = artifact / manifest.onnx.file
     model = onnx.load(str(path), load_external_data=False)
-    results = [check_ops(model), check_control_flow(model), check_bindings(model), check_shapes(model, manifest, profile)]
-    if manifest["precision"] != "fp16":
+    results = [check_ops(model), check_op_types(model), check_control_flow(model), check_bindings(model),
+               check_shapes(model, manifest, profile)]
+    if manifest.dtype != "fp16":
         results.append(LintResult("precision", True, "note: fp32 artifact; TensorRT engines are built from fp16 exports"))
     if run_polygraphy:
         results.append(check_polygraphy(path))

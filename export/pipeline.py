@@ -15,7 +15,7 @@ from neodeploy.export import fuse, graph, refcache, verify
 from neodeploy.progress import live
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
-from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish
+from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish, write_failed
 from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -186,18 +186,21 @@ def export(
                 if (checkpoint / name).is_file():
                     shutil.copyfile(checkpoint / name, tmp / name)
             normalise_permissions(tmp)
-            manifest = _manifest(spec, checkpoint, gate, opset, max_context, tokenizer, results, before, after,
-                                 progress.times)
+            manifest = _manifest(spec, checkpoint, precision, gate, opset, max_context, tokenizer, results, before,
+                                 after, progress.times)
             if quant_entry:
                 manifest["quantization"] = quant_entry
             if cpu:
                 manifest["onnx"].update(target="cpu", logits="last", fused=fused)
                 if in_place:
-                    manifest["onnx"]["kv_cache"] = "in-place"
+                    manifest["onnx"].update(kv_cache="in-place", rotary="kernel" if spec.rotary_in_kernel else "graph")
             write_manifest(tmp, manifest)
             publish(tmp, out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            need = spec.num_parameters() * (2 if precision == "fp16" else 4)
+            raise write_failed(exc, out_dir, ExportError, need) from exc
         raise
     echo(f"exported {out_dir} in {time.perf_counter() - progress.start:.1f} s")
     return out_dir
@@ -209,13 +212,13 @@ def _tokenizer_or_none(checkpoint: Path) -> Tokenizer | None:
     return Tokenizer.from_dir(checkpoint)
 
 
-def _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, results, before, after, times) -> dict:
+def _manifest(spec, checkpoint, precision, gate, opset, max_context, tokenizer, results, before, after, times) -> dict:
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_dict(),
         "source": {"checkpoint": str(checkpoint.resolve())},
         "max_context": max_context,
-        "precision": precision,
+        "dtype": precision,
         "onnx": {
             "file": "model.onnx",
             "external_data": "model.onnx" + graph.DATA_SUFFIX,
@@ -223,6 +226,8 @@ def _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, result
             "ir_version": graph.IR_VERSION,
             "target": "portable",
             "logits": "all",
+            "kv_cache": "concatenated",
+            "rotary": "graph",
             "inputs": graph.input_names(spec),
             "outputs": graph.output_names(spec),
             "nodes_before_clean": before,
@@ -236,7 +241,7 @@ def _manifest(spec, checkpoint, precision, opset, max_context, tokenizer, result
             "bos_token_id": tokenizer.bos_token_id,
         },
         "verification": {
-            "tolerance_relative": verify.TOLERANCE[precision],
+            "tolerance_relative": verify.TOLERANCE[gate],
             "decode_steps": verify.DECODE_STEPS,
             "cases": [
                 {"name": r.name, "batch": r.batch, "prompt_lengths": r.prompt_lengths,

@@ -1,5 +1,5 @@
 """Deployment profiles: batch, prompt and context ranges for a deployment target, shipped as TOML package
-data (chat, batch, edge) or given as a path. From a profile and an artifact's manifest, `trt_profiles`
+data (chat, batch, edge) or given as a path. From a profile and an artifact's spec and context, `trt_profiles`
 derives the two TensorRT optimisation profiles: context (past = 0) and generation (seq = 1)."""
 
 from __future__ import annotations
@@ -8,8 +8,12 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neodeploy.errors import UsageError
+
+if TYPE_CHECKING:
+    from neodeploy.reference.spec import ModelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,22 +93,19 @@ def load_profile(name_or_path: str | Path) -> DeploymentProfile:
 Shape = tuple[int, ...]
 
 
-def trt_profiles(profile: DeploymentProfile, manifest: dict) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
+def trt_profiles(profile: DeploymentProfile, spec: ModelSpec, max_context: int) -> dict[str, dict[str, tuple[Shape, Shape, Shape]]]:
     """The two optimisation profiles as {profile: {input name: (min, opt, max) shapes}}.
 
     context: past = 0, seq over the prompt range, mask = seq. generation: seq = 1, past over
     1 .. context.max - 1, mask = past + 1. Every (min, opt, max) triple keeps mask = past + seq.
     """
-    spec = manifest["spec"]
-    max_context = manifest["max_context"]
     if profile.context.max > max_context:
         raise ProfileError(
             f"profile {profile.name!r} needs a context of {profile.context.max} tokens but the artifact serves at "
             f"most {max_context} (its --max-context / the model's positions); use a smaller profile"
         )
-    heads, head_dim = spec["num_heads"], spec["hidden_size"] // spec["num_heads"]
+    heads, head_dim, layers = spec.num_heads, spec.head_dim, spec.num_layers
     b = profile.batch
-    layers = spec["num_layers"]
 
     def shapes(seq: Range, past: Range) -> dict[str, tuple[Shape, Shape, Shape]]:
         triple = lambda f: tuple(f(bb, s, p) for bb, s, p in zip((b.min, b.opt, b.max), (seq.min, seq.opt, seq.max),  # noqa: E731

@@ -24,7 +24,7 @@ from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
 from neodeploy.progress import live
-from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish
+from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish, write_failed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -201,6 +201,7 @@ def make_checkpoint(
     file_format: str = "safetensors",
 ) -> Path:
     """Write a random-initialised checkpoint in Hugging Face layout, atomically, one shard in memory at a time."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from neodeploy.runtime.tokenizer import write_tokenizer_files
@@ -266,7 +267,9 @@ def make_checkpoint(
         write_tokenizer_files(tmp, spec, tokenizer_dir)
         normalise_permissions(tmp)  # safetensors writes 0600 and the rest 0644: one mode, as artifacts have
         publish(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+            raise write_failed(exc, out, UsageError, spec.num_parameters() * torch.finfo(torch_dtype).bits // 8) from exc
         raise
     return out

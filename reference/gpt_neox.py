@@ -137,11 +137,10 @@ class GPTNeoX(nn.Module):
     def use_fused_attention(self, max_context: int) -> None:
         """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache.
         Rotary moves into the op, with cos / sin tables for every position computed as rotary_cos_sin does, where
-        onnxruntime's kernel takes the table width (rotary_dims / 2 a multiple of 8: Pythia 70m..12b, not 14m or
-        gpt-neox-20b, which keep rotary in the graph)."""
+        onnxruntime's kernel takes the table width (ModelSpec.rotary_in_kernel)."""
         half = self.spec.rotary_dims // 2
         tables = (None, None)
-        if half % 8 == 0:
+        if self.spec.rotary_in_kernel:
             positions = torch.arange(max(max_context, self.spec.max_positions)).unsqueeze(0)
             cos, sin = rotary_cos_sin(self.spec, positions)
             tables = (cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous())

@@ -111,6 +111,18 @@ class ModelSpec:
         # The same truncation transformers applies: int(head_dim * rotary_pct).
         return int(self.head_dim * self.rotary_pct) if self.family == "gpt_neox" else 0
 
+    @property
+    def kv_values_per_token(self) -> int:
+        """Cached values per token: a key and a value of hidden_size for every layer (times the element size)."""
+        return 2 * self.num_layers * self.hidden_size
+
+    @property
+    def rotary_in_kernel(self) -> bool:
+        """Whether the CPU export rotates inside onnxruntime's GroupQueryAttention: its kernel takes the cos / sin
+        table width rotary_dims / 2 only as a multiple of 8 (Pythia 70m..12b; not 14m or gpt-neox-20b, which keep
+        rotary in the graph)."""
+        return self.family == "gpt_neox" and self.rotary_dims // 2 % 8 == 0
+
     def num_parameters(self) -> int:
         """Parameter count of the causal LM, counting a tied lm_head once."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -355,7 +367,7 @@ def load_spec(checkpoint: str | Path) -> ModelSpec:
     if not path.exists():
         raise ConfigError(f"checkpoint folder {str(path)!r} does not exist; pass a Hugging Face checkpoint folder")
     if not path.is_dir():
-        raise ConfigError(f"{str(path)!r} is not a folder; pass the checkpoint folder that holds config.json")
+        raise ConfigError(f"{str(path)!r} is a file, not a folder; pass the checkpoint folder that holds config.json")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{str(path)!r} has no config.json; pass a Hugging Face checkpoint folder")

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.runtime.manifest import Manifest
 
 
 class Backend(Protocol):
@@ -214,28 +215,19 @@ class OrtBackend:
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def kernel_rotary(spec: dict):
-    """The table GroupQueryAttention rotates keys with, where the CPU target moved rotary into the kernel: GPT-NeoX
-    with rotary_dims / 2 a multiple of 8 (reference.gpt_neox.use_fused_attention makes the same choice)."""
-    from neodeploy.reference.spec import ModelSpec  # torch-free
-    from neodeploy.runtime.batch import RotaryTable
-
-    model = ModelSpec.from_dict(spec)
-    if model.family != "gpt_neox" or (model.rotary_dims // 2) % 8:
-        return None
-    return RotaryTable(model.rotary_dims, model.rotary_base, model.rope_scaling_factor)
-
-
-def create_backend(name: str | None, artifact: Path, manifest: dict, providers: list[str] | None = None,
+def create_backend(name: str | None, artifact: Path, manifest: Manifest, providers: list[str] | None = None,
                    threads: int | None = None) -> Backend:
-    spec = manifest["spec"]
-    head_dim = spec["hidden_size"] // spec["num_heads"]
-    kv_dtype = np.float16 if manifest["precision"] == "fp16" else np.float32
+    spec = manifest.spec
     name = name or "onnxruntime"
     if name in ("onnxruntime", "ort"):
-        in_place = manifest["onnx"].get("kv_cache") == "in-place"
-        return OrtBackend(artifact / manifest["onnx"]["file"], spec["num_layers"], spec["num_heads"], head_dim,
-                          kv_dtype, providers, threads, in_place=in_place, kernel_rotary=kernel_rotary(spec) if in_place else None)
+        rotary = None
+        if manifest.onnx.rotary == "kernel":  # keys are rotated at their cache index: moving a row re-rotates them
+            from neodeploy.runtime.batch import RotaryTable
+
+            rotary = RotaryTable(spec.rotary_dims, spec.rotary_base, spec.rope_scaling_factor)
+        return OrtBackend(artifact / manifest.onnx.file, spec.num_layers, spec.num_heads, spec.head_dim,
+                          manifest.kv_dtype, providers, threads, in_place=manifest.onnx.kv_cache == "in-place",
+                          kernel_rotary=rotary)
     if name in ("tensorrt", "trt"):
         from neodeploy.runtime.trt_backend import TensorRTBackend
 

@@ -47,7 +47,7 @@ def _load_golden(path: Path) -> dict[str, np.ndarray]:
 
 
 def run_check(model: Model) -> list[CheckResult]:
-    verify_files(model.artifact, model.manifest, [GOLDEN])
+    verify_files(model.manifest, [GOLDEN])
     golden = _load_golden(model.artifact / GOLDEN)
     tolerance = float(golden["tolerance"])
     results = []

@@ -33,19 +33,14 @@ import numpy as np
 
 from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.batch import DecodeBatch
+from neodeploy.runtime.manifest import Manifest
 from neodeploy.runtime.sampling import SamplingParams
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
-def kv_bytes_per_token(manifest: dict) -> int:
-    spec = manifest["spec"]
-    element = 2 if manifest["precision"] == "fp16" else 4
-    return 2 * spec["num_layers"] * spec["hidden_size"] * element
-
-
-def parse_kv_budget(budget: int | str | None, manifest: dict) -> int | None:
+def parse_kv_budget(budget: int | str | None, manifest: Manifest) -> int | None:
     """Tokens from `4096` / `"4096"` (tokens) or `"512MiB"` / `"2GB"` (bytes, divided by the per-token size)."""
     if budget is None or isinstance(budget, int) and not isinstance(budget, bool):
         tokens = budget
@@ -54,7 +49,7 @@ def parse_kv_budget(budget: int | str | None, manifest: dict) -> int | None:
         unit = match.group(2).lower() if match else None
         if not match or unit not in _UNITS or (unit == "" and "." in match.group(1)):
             raise UsageError(f"kv budget {budget!r} is neither a token count (4096) nor a size (512MiB, 2GB)")
-        tokens = int(match.group(1)) if unit == "" else int(float(match.group(1)) * _UNITS[unit]) // kv_bytes_per_token(manifest)
+        tokens = int(match.group(1)) if unit == "" else int(float(match.group(1)) * _UNITS[unit]) // manifest.kv_bytes_per_token
     if tokens is not None and tokens < 1:
         raise UsageError(f"kv budget {budget!r} holds no token; give at least one sequence's worth")
     return tokens
@@ -198,7 +193,7 @@ class Engine:
             raise UsageError(f"kv budget {self.config.kv_budget!r} leaves {self.capacity} token(s) per sequence "
                              f"for {self.max_running} running sequences; raise it or lower max_running")
         pooled = backend.joinable and backend.in_place
-        self.kv_bytes = kv_bytes_per_token(model.manifest) * self.max_running * self.capacity
+        self.kv_bytes = model.manifest.kv_bytes_per_token * self.max_running * self.capacity
         self._batch = DecodeBatch(backend, self.max_running if pooled else 0, self.capacity)
         if pooled:  # allocated once, up front: decoding never allocates cache memory
             self._batch.state = backend.new_cache(self.max_running, self.capacity)

@@ -18,7 +18,7 @@ import numpy as np
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import Backend, create_backend
 from neodeploy.runtime.batch import DecodeBatch, left_pad, position_ids  # noqa: F401 - re-exported
-from neodeploy.runtime.manifest import artifact_path, read_manifest, verify_files
+from neodeploy.runtime.manifest import Manifest, artifact_path, read_manifest, verify_files
 from neodeploy.runtime.sampling import SamplingParams, penalised, sampling_distribution  # noqa: F401 - re-exported
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
 from neodeploy.runtime.text import stop_sets
@@ -54,14 +54,12 @@ class Stream:
 class Model:
     """A loaded artifact: tokenizer + backend. Thread-safe: calls share nothing mutable but the session."""
 
-    def __init__(self, artifact: Path, manifest: dict, backend: Backend, tokenizer: Tokenizer | None):
+    def __init__(self, artifact: Path, manifest: Manifest, backend: Backend, tokenizer: Tokenizer | None):
         self.artifact, self.manifest, self.backend, self.tokenizer = artifact, manifest, backend, tokenizer
-        spec = manifest["spec"]
-        self.vocab_size: int = spec["vocab_size"]
-        self.max_context: int = manifest["max_context"]
-        special = manifest.get("tokenizer") or {}
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer else special.get("eos_token_id", spec.get("eos_token_id"))
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer else special.get("pad_token_id")
+        self.vocab_size: int = manifest.spec.vocab_size
+        self.max_context: int = manifest.max_context
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer else manifest.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer else manifest.tokenizer.get("pad_token_id")
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
 
@@ -188,16 +186,11 @@ def load(artifact_dir: str | Path, backend: str | None = None, providers: list[s
     """Load an artifact folder. Checks the manifest's format version and the sha256 of each file it reads."""
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
-    try:
-        onnx_files = [manifest["onnx"]["file"], manifest["onnx"]["external_data"]]
-        manifest["spec"], manifest["precision"], manifest["max_context"]  # noqa: B018 - presence check
-    except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{artifact}/neodeploy.json lacks {exc}; re-export the artifact") from exc
-    tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.get("files", {})]
-    for name in onnx_files:
+    tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.files]
+    for name in (manifest.onnx.file, manifest.onnx.external_data):
         artifact_path(artifact, name)  # confined to the folder even with verify=False
     if verify:
-        verify_files(artifact, manifest)  # every listed file, not only the ones this call reads
+        verify_files(manifest)  # every listed file, not only the ones this call reads
     tokenizer = Tokenizer.from_dir(artifact) if tokenizer_files else None
     return Model(artifact, manifest, create_backend(backend, artifact, manifest, providers, threads), tokenizer)
 

@@ -92,7 +92,7 @@ class ServerState:
             self.metrics.watch(self.engine)
             self.model = model
             self.status = "ready"
-            print(f"neodeploy serve: {options.name} ready ({model.backend.name}, {model.manifest['precision']}; "
+            print(f"neodeploy serve: {options.name} ready ({model.backend.name}, {model.manifest.precision}; "
                   f"{self.engine.max_running} running x {self.engine.capacity} tokens, KV cache "
                   f"{self.engine.kv_bytes / 2**20:.1f} MiB; check: {self.check})", file=sys.stderr, flush=True)
         except NeodeployError as exc:

@@ -108,7 +108,7 @@ def test_generate_labels_rows_and_inspect_reads_an_artifact(exported):
     out = run("generate", art, "first prompt", "second", "--max-new-tokens", 3).stdout
     assert out.startswith("--- [1/2] 'first prompt'") and "--- [2/2] 'second'" in out
     text = run("inspect", art).stdout
-    for field in ("precision", "target", "KV cache", "max context", "verification at export", "TensorRT engine"):
+    for field in ("dtype", "quantisation", "target", "KV cache", "max context", "verification at export", "TensorRT engine"):
         assert field in text, field
     assert "fp32" in text and "portable" in text
 

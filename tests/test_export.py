@@ -125,7 +125,7 @@ def test_artifact_folder_manifest_and_golden(artifacts):
     assert names == ["config.json", "golden.npz", "model.onnx", "model.onnx.data", "neodeploy.json",
                      "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((art / "neodeploy.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["precision"] == "fp32"
+    assert manifest["format_version"] == 2 and manifest["dtype"] == "fp32" and "quantization" not in manifest
     assert manifest["files"] == {n: sha256(art / n) for n in names if n != "neodeploy.json"}
     assert {"torch", "onnx", "onnxruntime", "onnxslim"} <= set(manifest["versions"])
     assert manifest["max_context"] == 128 and manifest["onnx"]["opset"] == 18

@@ -216,7 +216,8 @@ def test_make_checkpoint_options_are_checked(tmp_path):
 def test_a_hand_edited_manifest_is_one_artifact_error(artifact_copy):
     for change, match in ((lambda m: m["spec"].pop("num_layers"), "not a valid ModelSpec"),
                           (lambda m: m.update(onnx="model.onnx"), "onnx must be an object"),
-                          (lambda m: m.update(precision="int3"), "precision must be"),
+                          (lambda m: m.update(dtype="int3"), "dtype must be"),
+                          (lambda m: m.update(quantization={"method": "int2"}), "quantization.method must be"),
                           (lambda m: m.update(max_context=-1), "max_context must be a positive integer"),
                           (lambda m: m["onnx"].update(kv_cache="sideways"), "onnx.kv_cache"),
                           (lambda m: m["files"].update({"model.onnx": "abc"}), "sha256 hex digest"),

@@ -136,7 +136,13 @@ def _scripted_model(tmp_path, text):
     tk.save(str(tmp_path / "tokenizer.json"))
     tokenizer = Tokenizer.from_dir(tmp_path)
     script = tokenizer.encode(text) + [0]  # then eos
-    manifest = {"spec": {"vocab_size": 257, "eos_token_id": 0}, "max_context": 512, "precision": "fp32"}
+    from neodeploy.reference.spec import PRESETS
+    from neodeploy.runtime.manifest import FORMAT, FORMAT_VERSION, Manifest
+
+    spec = PRESETS["pythia-14m"].replace(vocab_size=257, eos_token_id=0, bos_token_id=0)
+    manifest = Manifest.from_dict({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(),
+                                   "dtype": "fp32", "max_context": 512, "files": {},
+                                   "onnx": {"file": "model.onnx", "external_data": "model.onnx.data"}}, tmp_path)
     return Model(tmp_path, manifest, ScriptedBackend(script, 257), tokenizer), script
 
 

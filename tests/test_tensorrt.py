@@ -15,9 +15,10 @@ from conftest import tiny_neo, tiny_neox
 from neodeploy.profiles import ProfileError, load_profile, shipped, trt_profiles
 
 
-def _manifest(max_context=2048, layers=2):
-    return {"spec": {"num_heads": 4, "hidden_size": 64, "num_layers": layers, "vocab_size": 320},
-            "max_context": max_context, "precision": "fp16"}
+def _shape(max_context=2048, layers=2):
+    from neodeploy.reference.spec import PRESETS
+
+    return PRESETS["pythia-14m"].replace(num_heads=4, hidden_size=64, num_layers=layers, vocab_size=320), max_context
 
 
 def test_shipped_profiles():
@@ -31,7 +32,7 @@ def test_shipped_profiles():
 def test_trt_profiles_are_consistent_for_every_shipped_profile():
     for name in shipped():
         profile = load_profile(name)
-        derived = trt_profiles(profile, _manifest())
+        derived = trt_profiles(profile, *_shape())
         assert set(derived) == {"context", "generation"}
         for which, inputs in derived.items():
             assert len(inputs) == 3 + 2 * 2
@@ -54,7 +55,7 @@ def test_trt_profiles_are_consistent_for_every_shipped_profile():
 
 def test_profiles_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(ProfileError, match="needs a context of 2048 tokens but the artifact serves at most 1024"):
-        trt_profiles(load_profile("chat"), _manifest(max_context=1024))
+        trt_profiles(load_profile("chat"), *_shape(max_context=1024))
     with pytest.raises(ProfileError, match="unknown profile 'huge'"):
         load_profile("huge")
     bad = tmp_path / "bad.toml"
@@ -69,7 +70,7 @@ def test_profiles_that_do_not_fit_are_refused(tmp_path):
             load_profile(bad)
     good = tmp_path / "mine.toml"
     good.write_text("name='mine'\n[batch]\nmin=1\nopt=2\nmax=4\n[prompt]\nmin=1\nopt=8\nmax=16\n[context]\nopt=32\nmax=64\n")
-    assert trt_profiles(load_profile(good), _manifest())["generation"]["attention_mask"][2] == (4, 64)
+    assert trt_profiles(load_profile(good), *_shape())["generation"]["attention_mask"][2] == (4, 64)
 
 
 @pytest.fixture(scope="module", params=["gpt_neo", "gpt_neox"])
@@ -84,6 +85,7 @@ def test_lint_passes_on_fp16_exports_for_every_shipped_profile(fp16_artifact):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert len(re.findall(r"^operators\s+ok", out, re.M)) == 3 and len(re.findall(r"^shapes\s+ok", out, re.M)) == 3
+    assert len(re.findall(r"^operator types\s+ok", out, re.M)) == 3
     assert re.search(r"^polygraphy check lint\s+ok\s+\d+ nodes pass", out, re.M)
     assert "lint passed" in proc.stdout
 
@@ -93,7 +95,7 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
 
     import onnx
 
-    from neodeploy.export.lint import lint
+    from neodeploy.export.lint import check_op_types, lint
     from neodeploy.runtime.manifest import read_manifest
 
     bad = tmp_path / "bad"
@@ -104,6 +106,12 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     onnx.save_model(model, str(bad / "model.onnx"))
     results = {r.name: r for r in lint(bad, read_manifest(bad), load_profile("edge"), run_polygraphy=False)}
     assert not results["operators"].passed and "Unique" in results["operators"].detail
+    # A supported op on a type the parser does not list for it (MatMul on INT64) fails the type check.
+    model = onnx.load(str(bad / "model.onnx"), load_external_data=False)
+    ids = model.graph.input[0].name
+    model.graph.node.append(onnx.helper.make_node("MatMul", [ids, ids], ["ids_squared"], name="int_matmul"))
+    types = check_op_types(model)
+    assert not types.passed and "MatMul on INT64" in types.detail
     proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "does not match its sha256" in proc.stderr  # an edited graph is caught first
@@ -169,3 +177,130 @@ def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pra
     assert [len(g.output_ids) for g in ours] == [8, 8]
     assert [g.output_ids[0] for g in ours] == [g.output_ids[0] for g in theirs]
     assert all(r.passed for r in run_check(trt_model))
+
+
+# ------------------------------------------- the TensorRT backend's checks, with a stand-in engine (no GPU)
+
+class _Enum:
+    def __init__(self, name):
+        self.name = name
+
+    def __eq__(self, other):
+        return isinstance(other, _Enum) and other.name == self.name
+
+    __hash__ = object.__hash__
+
+
+class _FakeTrt:
+    class TensorIOMode:
+        INPUT, OUTPUT = _Enum("INPUT"), _Enum("OUTPUT")
+
+    class DataType:
+        INT64, HALF, FLOAT, INT32 = _Enum("INT64"), _Enum("HALF"), _Enum("FLOAT"), _Enum("INT32")
+
+
+class _FakeEngine:
+    """What check_engine_io reads from an ICudaEngine: I/O names, modes, dtypes and profile shapes."""
+
+    def __init__(self, spec, batch=4, prompt=64, context=128, profiles=2, change=None):
+        from neodeploy.runtime.trt_backend import engine_contract
+
+        self.io = {n: (getattr(_FakeTrt.TensorIOMode, m), getattr(_FakeTrt.DataType, d))
+                   for n, (m, d) in engine_contract(spec).items()}
+        if change:
+            change(self.io)
+        self.names = list(self.io)
+        self.num_io_tensors, self.num_optimization_profiles = len(self.names), profiles
+        self.shapes = {("input_ids", 0): (batch, prompt), ("input_ids", 1): (batch, 1),
+                       ("attention_mask", 0): (batch, prompt), ("attention_mask", 1): (batch, context)}
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return self.io[name][0]
+
+    def get_tensor_dtype(self, name):
+        return self.io[name][1]
+
+    def get_tensor_profile_shape(self, name, profile):
+        high = self.shapes[(name, profile)]
+        return [(1,) * len(high), high, high]
+
+
+def test_engine_io_is_checked_against_the_contract_and_limits_come_from_its_profiles():
+    from neodeploy.errors import ArtifactError
+    from neodeploy.runtime.trt_backend import check_engine_io
+
+    spec = tiny_neox()
+    assert check_engine_io(_FakeEngine(spec, batch=4, prompt=64, context=128), _FakeTrt, spec, "model.engine") == {
+        "max_batch": 4, "max_prompt": 64, "max_context": 128}
+    wrong = [
+        (lambda io: io.pop("present.1.value"), "missing \\['present.1.value'\\]"),
+        (lambda io: io.update({"extra": io["logits"]}), "unexpected \\['extra'\\]"),
+        (lambda io: io.update({"input_ids": (_FakeTrt.TensorIOMode.INPUT, _FakeTrt.DataType.INT32)}),
+         "input_ids is INPUT INT32, the artifact's contract is INPUT INT64"),
+        (lambda io: io.update({"logits": (_FakeTrt.TensorIOMode.OUTPUT, _FakeTrt.DataType.HALF)}), "logits is OUTPUT HALF"),
+    ]
+    for change, match in wrong:
+        with pytest.raises(ArtifactError, match=match):
+            check_engine_io(_FakeEngine(spec, change=change), _FakeTrt, spec, "model.engine")
+    with pytest.raises(ArtifactError, match="3 optimisation profiles"):
+        check_engine_io(_FakeEngine(spec, profiles=3), _FakeTrt, spec, "model.engine")
+    other = tiny_neox(num_layers=spec.num_layers + 1)  # an engine built from another export
+    with pytest.raises(ArtifactError, match="another export"):
+        check_engine_io(_FakeEngine(spec), _FakeTrt, other, "model.engine")
+
+
+def test_a_missing_cuda_runtime_is_one_line_saying_what_to_install(monkeypatch):
+    pytest.importorskip("polygraphy")
+    from polygraphy import cuda
+
+    from neodeploy.errors import UsageError
+    from neodeploy.runtime.trt_backend import cuda_runtime
+
+    def missing():
+        raise OSError("libcudart.so: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(cuda, "wrapper", missing)
+    with pytest.raises(UsageError, match="libcudart.so.*pip install nvidia-cuda-runtime"):
+        cuda_runtime()
+
+
+def test_engine_is_streamed_hashed_and_published_with_the_old_artifact_kept(fp16_artifact, tmp_path, monkeypatch):
+    import shutil
+
+    import neodeploy.export.engine as engine_module
+    from neodeploy.errors import ArtifactError
+    from neodeploy.files import sha256
+    from neodeploy.runtime.manifest import read_manifest, read_verified
+
+    art = tmp_path / "art"
+    shutil.copytree(fp16_artifact, art)
+    inodes = {p.name: p.stat().st_ino for p in art.iterdir()}
+    payload = bytes(range(256)) * 4099  # not a multiple of the chunk: the tail is written too
+    info = {"file": "model.engine", "tensorrt_version": "10.15.1", "gpu": {"name": "test", "compute_capability": "9.0"},
+            "build_seconds": 1.0}
+    size, digest = engine_module._write_engine(memoryview(payload), tmp_path / "direct.engine", chunk=1000)
+    assert size == len(payload) and digest == sha256(tmp_path / "direct.engine")
+    engine_module.publish_engine(read_manifest(art), memoryview(payload), info, echo=lambda s: None)
+    manifest = read_manifest(art)
+    assert manifest.engine["sha256"] == manifest.files["model.engine"] == digest
+    assert bytes(read_verified(manifest, "model.engine")) == payload
+    # The other files were hard-linked, not copied, and are unchanged.
+    assert all(art.joinpath(n).stat().st_ino == ino for n, ino in inodes.items() if n != "neodeploy.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "direct.engine"]
+    # A failed write keeps the published engine and manifest, and leaves no work folder.
+    before = {p.name: sha256(p) for p in art.iterdir()}
+
+    def full(mem, path, chunk=0):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(engine_module, "_write_engine", full)
+    with pytest.raises(ArtifactError, match="No space left on device.*unchanged"):
+        engine_module.publish_engine(read_manifest(art), memoryview(b"x"), info, echo=lambda s: None)
+    assert {p.name: sha256(p) for p in art.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "direct.engine"]
+    (art / "model.engine").write_bytes(payload[:-1])
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        read_verified(read_manifest(art), "model.engine")

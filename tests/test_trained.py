@@ -78,7 +78,8 @@ def test_quantized_exports_pass_their_accuracy_gates(trained, tmp_path, method):
     ckpt = trained("gpt_neox")
     art = export(ckpt, tmp_path / method, quantize=method, echo=lambda s: None)
     manifest = json.loads((art / "neodeploy.json").read_text())
-    assert manifest["precision"] == method and manifest["quantization"]["quantized_matmuls"] == 2 * 4 + 1
+    assert manifest["dtype"] == "fp32" and "precision" not in manifest
+    assert manifest["quantization"]["method"] == method and manifest["quantization"]["quantized_matmuls"] == 2 * 4 + 1
     nodes = onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node
     ops = {n.op_type for n in nodes}
     assert ("MatMulInteger" if method == "int8" else "MatMulNBits") in ops
