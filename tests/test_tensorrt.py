@@ -117,6 +117,76 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     assert proc.returncode == 1 and "lint FAILED" in proc.stdout
 
 
+def _scores_matmuls(model):
+    """For each Softmax: the MatMul its scores come from (q·kᵀ) and the nodes in between, walking back over the
+    mask ops (a Shape ends a walk: only its input's shape is read)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for softmax in (n for n in model.graph.node if n.op_type == "Softmax"):
+        matmuls, between, todo, seen = [], [], [softmax.input[0]], set()
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or id(node) in seen or node.op_type == "Shape":
+                continue
+            seen.add(id(node))
+            if node.op_type == "MatMul":
+                matmuls.append(node)
+                continue
+            between.append(node)
+            todo.extend(node.input)
+        found.append((matmuls, between))
+    return producer, found
+
+
+def _scalar(model, producer, name):
+    import onnx
+    from onnx import numpy_helper
+
+    tensor = next((t for t in model.graph.initializer if t.name == name), None)
+    node = producer.get(name)
+    if tensor is None and node is not None and node.op_type == "Constant":
+        tensor = onnx.helper.get_attribute_value(node.attribute[0])
+    if tensor is None:
+        return None
+    value = numpy_helper.to_array(tensor)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _scales(model, producer, node, scale) -> bool:
+    """Is `node` a multiplication by `scale` (Mul by it, or Div by its inverse)?"""
+    import math
+
+    want = {"Mul": scale, "Div": 1 / scale}.get(node.op_type)
+    values = [_scalar(model, producer, name) for name in node.input]
+    return want is not None and any(v is not None and math.isclose(v, want, rel_tol=1e-3) for v in values)
+
+
+def test_fp16_attention_scales_q_before_q_kT_for_tensorrt_fusion(fp16_artifact):
+    """TensorRT fuses attention only when Q (or K) is scaled before the first MatMul; GPT-Neo scales nothing and
+    keeps q·kᵀ in fp32."""
+    import onnx
+
+    from neodeploy.reference.spec import ModelSpec
+    from neodeploy.runtime.manifest import read_manifest
+
+    spec = ModelSpec.from_dict(read_manifest(fp16_artifact)["spec"])
+    model = onnx.load(str(fp16_artifact / "model.onnx"), load_external_data=False)
+    producer, found = _scores_matmuls(model)
+    assert len(found) == spec.num_layers
+    scale = spec.head_dim**-0.5
+    for matmuls, between in found:
+        assert len(matmuls) == 1, [m.name for m in matmuls]
+        qk = matmuls[0]
+        q, k = (producer.get(name) for name in qk.input)
+        assert k is not None and k.op_type == "Transpose"  # kᵀ: the other input is the q side
+        assert not any(_scales(model, producer, node, scale) for node in between)  # no scaling of the scores
+        if spec.family == "gpt_neox":
+            assert q is not None and _scales(model, producer, q, scale), q
+        else:
+            assert q.op_type == "Cast" and q.attribute[0].i == onnx.TensorProto.FLOAT
+            assert not any(node.op_type in ("Mul", "Div") for node in between)
+
+
 def _has_tensorrt_and_gpu() -> str | None:
     try:
         import tensorrt  # noqa: F401
