@@ -82,6 +82,7 @@ class TensorRTBackend:
         spec = manifest["spec"]
         self.layers, self.heads = spec["num_layers"], spec["num_heads"]
         self.head_dim, self.vocab = spec["hidden_size"] // spec["num_heads"], spec["vocab_size"]
+        self.last_only = manifest["onnx"].get("logits", "all") == "last"  # logits [batch, 1, vocab] (--logits last)
         profile = info["profile"]
         self.max_batch, self.max_prompt = profile["batch"]["max"], profile["prompt"]["max"]
         self.max_context = profile["context"]["max"]
@@ -152,8 +153,9 @@ class TensorRTBackend:
                                        self.stream.ptr)
             self.stream.synchronize()
             return host[: batch * seq * self.vocab].reshape(batch, seq, self.vocab).copy()
+        positions = 1 if self.last_only else seq
         for b in range(batch):  # only each row's last position crosses to the host
-            src = self.logits.ptr + ((b * seq) + seq - 1) * row
+            src = self.logits.ptr + ((b * positions) + positions - 1) * row
             self.cuda.wrapper().memcpy(host.ctypes.data + b * row, src, row, self.cuda.MemcpyKind.DeviceToHost,
                                        self.stream.ptr)
         self.stream.synchronize()
@@ -169,5 +171,8 @@ class TensorRTBackend:
         return logits, (1 - parity, length + 1)
 
     def score(self, input_ids, attention_mask, position_ids):
+        if self.last_only:
+            raise UsageError("this engine's graph returns last-position logits only (--logits last); score() needs "
+                             "an export with --logits all")
         with self.lock:  # shares the buffers with generations
             return self._run(0, input_ids, attention_mask, position_ids, 0, 0, True)

@@ -293,6 +293,35 @@ def test_special_token_stop_strings_and_numpy_inputs(tmp_path):
     assert "".join(model.stream([5], max_new_tokens=30, stop=["ab", "xz"])) == "xa tail"
 
 
+def test_portable_last_position_logits_generate_check_and_validate_like_all_positions(pair, exported):
+    """--logits last (what a TensorRT prefill wants) changes what the graph returns, not what generation sees."""
+    import onnx
+
+    from neodeploy.runtime.check import run_check
+    from neodeploy.validate import validate
+
+    ckpt, full = pair
+    family = json.loads((full / "neodeploy.json").read_text())["spec"]["family"]
+    _, last = exported(f"rt-{family}", tiny_neo() if family == "gpt_neo" else tiny_neox(), logits="last")
+    manifest = json.loads((last / "neodeploy.json").read_text())
+    assert manifest["onnx"]["target"] == "portable" and manifest["onnx"]["logits"] == "last"
+    logits = onnx.load(str(last / "model.onnx"), load_external_data=False).graph.output[0]
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    ours, theirs = load(last), load(full)
+    assert ([g.output_ids for g in ours.generate(PROMPTS, max_new_tokens=12)]
+            == [g.output_ids for g in theirs.generate(PROMPTS, max_new_tokens=12)])
+    assert all(r.passed for r in run_check(ours))
+    proc = _cli("check", last)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = np.array([PROMPTS[0]], np.int64)
+    with pytest.raises(UsageError, match="last-position logits only .* needs an export with --logits all"):
+        ours.backend.score(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+    # validate needs every position only for perplexity, which it then gets one cached step per token.
+    report, baseline = (validate(m, ckpt, steps=8, echo=lambda s: None) for m in (ours, theirs))
+    assert report.passed, report.failures
+    assert report.perplexity["ratio"] == pytest.approx(baseline.perplexity["ratio"], abs=1e-5)
+
+
 def test_check_skips_cases_outside_an_engine_profile(pair):
     from neodeploy.runtime.check import run_check, table
 

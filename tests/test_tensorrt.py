@@ -117,6 +117,21 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     assert proc.returncode == 1 and "lint FAILED" in proc.stdout
 
 
+def test_lint_and_check_follow_a_last_position_logits_export(exported):
+    from neodeploy.export.lint import lint
+    from neodeploy.runtime import load
+    from neodeploy.runtime.check import run_check
+    from neodeploy.runtime.manifest import read_manifest
+
+    _, art = exported("trt-gpt_neox", tiny_neox(max_positions=2048), "fp16", logits="last")
+    manifest = read_manifest(art)
+    for name in shipped():
+        shapes = next(r for r in lint(art, manifest, load_profile(name), run_polygraphy=False) if r.name == "shapes")
+        assert shapes.passed, shapes.detail
+        assert all(item.endswith(", 1, 320]") for item in shapes.items), shapes.items  # logits [batch, 1, vocab]
+    assert all(r.passed for r in run_check(load(art)))
+
+
 def _scores_matmuls(model):
     """For each Softmax: the MatMul its scores come from (q·kᵀ) and the nodes in between, walking back over the
     mask ops (a Shape ends a walk: only its input's shape is read)."""
