@@ -322,6 +322,74 @@ def test_portable_last_position_logits_generate_check_and_validate_like_all_posi
     assert report.perplexity["ratio"] == pytest.approx(baseline.perplexity["ratio"], abs=1e-5)
 
 
+class _OwnedLock:
+    def __init__(self):
+        self._lock, self.owner = threading.Lock(), None
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc):
+        self.owner = None
+        self._lock.release()
+
+
+class OneBufferBackend:
+    """onnxruntime behind TensorRT's contract: exclusive, with one cache for every caller (as its device buffers
+    are), so an unguarded caller decodes on whichever prefill ran last. Records steps taken without the lock."""
+
+    name = "one-buffer"
+    max_batch = max_prompt = max_context = None
+    exclusive, joinable, in_place, kernel_rotary = True, False, False, None
+
+    def __init__(self, inner):
+        self.inner, self.lock, self.unlocked, self.cache = inner, _OwnedLock(), [], None
+
+    def _enter(self, what):
+        if self.lock.owner != threading.get_ident():
+            self.unlocked.append(what)
+
+    def prefill(self, ids, mask, pos, capacity=None):
+        self._enter("prefill")
+        logits, self.cache = self.inner.prefill(ids, mask, pos, capacity)
+        return logits, None
+
+    def decode(self, ids, mask, pos, state):
+        self._enter("decode")
+        logits, self.cache = self.inner.decode(ids, mask, pos, self.cache)
+        return logits, None
+
+
+def test_check_beside_a_generation_holds_an_exclusive_backends_lock(pair):
+    from neodeploy.runtime.check import run_check
+
+    _, art = pair
+    model = load(art)
+    want = [g.output_ids for g in model.generate(PROMPTS, max_new_tokens=10)]
+    model.backend = shared = OneBufferBackend(model.backend)
+    generated, checked, errors, done = [], [], [], threading.Event()
+
+    def generate():  # for as long as the checks run, so the two overlap
+        try:
+            while not done.is_set() or not generated:
+                generated.append([g.output_ids for g in model.generate(PROMPTS, max_new_tokens=10)])
+        except Exception as exc:  # a step on another caller's cache can fail outright (shapes no longer fit)
+            errors.append(exc)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    try:
+        for _ in range(3):
+            checked.append(run_check(model))
+    finally:
+        done.set()
+        thread.join()
+    assert shared.unlocked == []  # fails every time without the lock; the overlap below only when the threads interleave
+    assert not errors and generated and all(out == want for out in generated)
+    assert all(r.passed for results in checked for r in results)
+
+
 def test_check_skips_cases_outside_an_engine_profile(pair):
     from neodeploy.runtime.check import run_check, table
 
