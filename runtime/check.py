@@ -47,6 +47,14 @@ def _load_golden(path: Path) -> dict[str, np.ndarray]:
         raise ArtifactError(f"{path} is not a readable golden file ({exc}); re-export the artifact") from exc
 
 
+def clear_preference(preferred: np.ndarray | float, other: np.ndarray | float, tolerance: float,
+                     scale: float) -> np.ndarray | bool:
+    """The tie rule for greedy tokens: where a run picks `other` instead of the reference's `preferred` token (each
+    given as the reference's logit for it; -inf when unknown), it truly diverges only if the reference prefers its
+    token by more than the tolerance (a fraction of the logit scale). Within that margin rounding may flip the pick."""
+    return np.asarray(preferred) - np.asarray(other) > tolerance * scale
+
+
 def run_check(model: Model) -> list[CheckResult]:
     verify_files(model.artifact, model.manifest, [GOLDEN])
     golden = _load_golden(model.artifact / GOLDEN)
@@ -86,8 +94,8 @@ def run_check(model: Model) -> list[CheckResult]:
                 for row in np.flatnonzero(~ok):
                     # A tie in the reference is no failure: does the reference prefer its token by a clear margin?
                     listed = topk_ids[row, step] == tokens[row]
-                    margin = topk_logits[row, step, 0] - (topk_logits[row, step][listed][0] if listed.any() else -np.inf)
-                    if margin > tolerance * scale:
+                    chosen = topk_logits[row, step][listed][0] if listed.any() else -np.inf
+                    if clear_preference(topk_logits[row, step, 0], chosen, tolerance, scale):
                         diverged = True
                 if diverged or step == steps - 1:
                     break

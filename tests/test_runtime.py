@@ -322,6 +322,16 @@ def test_portable_last_position_logits_generate_check_and_validate_like_all_posi
     assert report.perplexity["ratio"] == pytest.approx(baseline.perplexity["ratio"], abs=1e-5)
 
 
+def test_tie_rule_shared_by_export_check_and_the_gpu_test():
+    from neodeploy.runtime.check import clear_preference
+
+    # tolerance 3e-2 of a logit scale of 10: the reference must prefer its token by more than 0.3
+    assert not clear_preference(5.0, 4.75, 3e-2, 10.0) and clear_preference(5.0, 4.65, 3e-2, 10.0)
+    assert clear_preference(5.0, -np.inf, 3e-2, 10.0)  # a token outside the reference's top-k
+    np.testing.assert_array_equal(clear_preference(np.array([1.0, 1.0]), np.array([0.9, 0.0]), 1e-3, 100.0),
+                                  [False, True])
+
+
 class _OwnedLock:
     def __init__(self):
         self._lock, self.owner = threading.Lock(), None

@@ -237,8 +237,12 @@ gpu = pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_te
 def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pragma: no cover - needs a GPU
     import shutil
 
+    import numpy as np
+
+    from neodeploy.export.verify import TOLERANCE
     from neodeploy.runtime import load
-    from neodeploy.runtime.check import run_check
+    from neodeploy.runtime.batch import DecodeBatch
+    from neodeploy.runtime.check import clear_preference, run_check
 
     art = tmp_path / "art"
     shutil.copytree(fp16_artifact, art)
@@ -252,5 +256,12 @@ def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pra
     prompts = [[5, 17, 33, 2, 250, 9], [42, 8]]
     ours, theirs = trt_model.generate(prompts, max_new_tokens=8), ort_model.generate(prompts, max_new_tokens=8)
     assert [len(g.output_ids) for g in ours] == [8, 8]
-    assert [g.output_ids[0] for g in ours] == [g.output_ids[0] for g in theirs]
+    # Random weights give near ties that fp16 rounding in two kernels may resolve differently: a different first
+    # token fails only where onnxruntime prefers its own by more than the fp16 tolerance (the golden check's rule).
+    first = DecodeBatch(ort_model.backend).prefill(prompts, ort_model.pad_token_id, capacity=16)
+    for row, (mine, want) in enumerate(zip(ours, theirs)):
+        assert want.output_ids[0] == int(first[row].argmax())
+        logits, tolerance = first[row], TOLERANCE[manifest["precision"]]
+        assert not clear_preference(logits[want.output_ids[0]], logits[mine.output_ids[0]], tolerance,
+                                    float(np.abs(logits).max())), (row, mine.output_ids[0], want.output_ids[0])
     assert all(r.passed for r in run_check(trt_model))
