@@ -241,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
            overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size, target=args.target,
-           reuse_reference=not args.no_reference_cache)
+           logits=args.logits, reuse_reference=not args.no_reference_cache)
     return 0
 
 
@@ -601,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32, help="int4 block size: 32 (default), 64 or 128")
     p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime) or cpu "
                    "(onnxruntime fusions, last-position logits only)")
+    p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "
+                   "(the last position only, all generation reads; always so for --target cpu)")
     p.add_argument("--no-reference-cache", action="store_true", help="recompute the reference stage instead of "
                    "reusing it from an earlier export of the same checkpoint ($NEODEPLOY_CACHE/reference)")
     p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")

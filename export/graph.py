@@ -88,6 +88,8 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
         "position_ids": {0: auto, 1: auto},
         "past_key_values": [({0: auto, 1: static, 2: auto, 3: static},) * 2 for _ in range(spec.num_layers)],
     }
+    if spec.family == "gpt_neox":  # GPT-Neo does not scale at all; its q·kᵀ stays in its fp32 island
+        model.scale_queries_first()  # the Q-scaled form TensorRT's attention fusion matches
     translations = None
     if fused_attention:
         from neodeploy.export.attention import translation_table

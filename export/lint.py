@@ -118,7 +118,8 @@ def check_shapes(model: onnx.ModelProto, manifest: Manifest, profile: Deployment
                     dim.dim_value = size
             batch, seq = inputs["input_ids"][k]
             total = inputs["attention_mask"][k][1]
-            want = {"logits": [batch, seq, manifest.spec.vocab_size], "present.0.key": [batch, heads, total, head_dim]}
+            positions = seq if manifest.onnx.logits == "all" else 1
+            want = {"logits": [batch, positions, manifest.spec.vocab_size], "present.0.key": [batch, heads, total, head_dim]}
             try:
                 inferred = onnx.shape_inference.infer_shapes(concrete, strict_mode=True, data_prop=True)
             except Exception as exc:  # onnx raises InferenceError and plain RuntimeErrors

@@ -21,6 +21,7 @@ from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
 PRECISIONS = ("fp32", "fp16")
 TARGETS = ("portable", "cpu")
+LOGITS = ("all", "last")
 COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
@@ -110,10 +111,14 @@ def export(
     quantize: str | None = None,
     block_size: int = 32,
     target: str = "portable",
+    logits: str | None = None,
     echo: Callable[[str], None] = print,
     reuse_reference: bool = True,
 ) -> Path:
-    """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift."""
+    """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift.
+
+    logits: "all" positions (portable default: score / perplexity in one run) or the "last" only (what generation
+    reads; a TensorRT prefill then does not compute [batch, prompt, vocab] fp32 logits). The cpu target is last only."""
     import torch
 
     from neodeploy.reference.checkpoint import load_checkpoint
@@ -121,6 +126,12 @@ def export(
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if target not in TARGETS:
         raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum) or cpu")
+    if logits is None:
+        logits = "last" if target == "cpu" else "all"
+    if logits not in LOGITS:
+        raise UsageError(f"--logits {logits!r} is not supported; choose all or last")
+    if target == "cpu" and logits != "last":
+        raise UsageError("--target cpu returns last-position logits only; drop --logits all, or export --target portable")
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
     cpu = target == "cpu"
     # onnxruntime's CPU GroupQueryAttention kernel is fp32 only: an fp16 CPU export keeps the plain attention.
@@ -147,7 +158,7 @@ def export(
                     refcache.save(digest, cases)
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
-            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=cpu,
+            graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=logits == "last",
                                       fused_attention=in_place, max_context=max_context)
         with progress.stage("convert", "I/O contract, dimension names, IR version"):
             graph.convert(onnx_path, spec, precision)
@@ -190,8 +201,9 @@ def export(
                                  after, progress.times)
             if quant_entry:
                 manifest["quantization"] = quant_entry
+            manifest["onnx"]["logits"] = logits
             if cpu:
-                manifest["onnx"].update(target="cpu", logits="last", fused=fused)
+                manifest["onnx"].update(target="cpu", fused=fused)
                 if in_place:
                     manifest["onnx"].update(kv_cache="in-place", rotary="kernel" if spec.rotary_in_kernel else "graph")
             write_manifest(tmp, manifest)

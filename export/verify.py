@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neodeploy.runtime.check import clear_preference
 from neodeploy.runtime.model import left_pad, position_ids
 
 DECODE_STEPS = 16
@@ -159,8 +160,9 @@ def compare(decoder: OnnxDecoder, case: Case, precision: str) -> CaseResult:
     chosen = ours.argmax(-1)
     agree = int((chosen == case.tokens).sum())
     ref = case.step_logits
-    margin = np.take_along_axis(ref, case.tokens[..., None], -1)[..., 0] - np.take_along_axis(ref, chosen[..., None], -1)[..., 0]
-    true_div = int(((chosen != case.tokens) & (margin > tol * scale)).sum())
+    preferred = np.take_along_axis(ref, case.tokens[..., None], -1)[..., 0]
+    picked = np.take_along_axis(ref, chosen[..., None], -1)[..., 0]
+    true_div = int(((chosen != case.tokens) & clear_preference(preferred, picked, tol, scale)).sum())
     result = CaseResult(case.name, mask.shape[0], case.attention_mask.sum(1).tolist(), max_err, scale, agree,
                         case.tokens.size, true_div)
     if not np.isfinite(ours).all() or not np.isfinite(max_err):

@@ -48,6 +48,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(h, 3 * h, bias=spec.attention_bias)
         self.dense = nn.Linear(h, h, bias=spec.attention_bias)
         self.fused = False
+        self.scale_queries = False  # set by the export (GPTNeoX.scale_queries_first)
         self.cos_cache = self.sin_cache = None
 
     def forward(
@@ -63,7 +64,10 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.scale_queries:
+            scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
+        else:  # transformers' eager order, so the reference stays bit-for-bit its oracle
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         probs = masked_softmax(scores, allowed).to(v.dtype)
         return self.dense(merge_heads(torch.matmul(probs, v))), k, v
 
@@ -148,6 +152,13 @@ class GPTNeoX(nn.Module):
         for layer in self.gpt_neox.layers:
             layer.attention.fused = True
             layer.attention.cos_cache, layer.attention.sin_cache = tables
+
+    def scale_queries_first(self) -> None:
+        """Scale q by 1/sqrt(head_dim) before q·kᵀ instead of the scores after it (equal up to rounding): TensorRT
+        fuses attention only when Q or K is scaled before the first MatMul. The export sets it; the reference
+        keeps transformers' order."""
+        for layer in self.gpt_neox.layers:
+            layer.attention.scale_queries = True
 
     def forward(
         self,

@@ -208,7 +208,8 @@ class OrtBackend:
     def score(self, input_ids, attention_mask, position_ids):
         logits = self._run(input_ids, attention_mask, position_ids, self._empty_cache(input_ids.shape[0]), True)[0]
         if logits.shape[1] != input_ids.shape[1]:
-            raise UsageError("this graph returns last-position logits only (CPU target); score() needs a portable export")
+            raise UsageError("this graph returns last-position logits only (--logits last or --target cpu); score() needs "
+                             "an export with --logits all")
         return logits
 
 

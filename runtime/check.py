@@ -7,6 +7,7 @@ tokens, except where the reference's own top-k shows a near tie (margin within t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,14 @@ def _load_golden(path: Path) -> dict[str, np.ndarray]:
         raise ArtifactError(f"{path} is not a readable golden file ({exc}); re-export the artifact") from exc
 
 
+def clear_preference(preferred: np.ndarray | float, other: np.ndarray | float, tolerance: float,
+                     scale: float) -> np.ndarray | bool:
+    """The tie rule for greedy tokens: where a run picks `other` instead of the reference's `preferred` token (each
+    given as the reference's logit for it; -inf when unknown), it truly diverges only if the reference prefers its
+    token by more than the tolerance (a fraction of the logit scale). Within that margin rounding may flip the pick."""
+    return np.asarray(preferred) - np.asarray(other) > tolerance * scale
+
+
 def run_check(model: Model) -> list[CheckResult]:
     verify_files(model.manifest, [GOLDEN])
     golden = _load_golden(model.artifact / GOLDEN)
@@ -64,32 +73,35 @@ def run_check(model: Model) -> list[CheckResult]:
             results.append(CheckResult(name, ids.shape[0], float("nan"), float("nan"), tolerance, 0, 0, True, 0.0,
                                        skipped="outside the engine's profile: " + ", ".join(outside)))
             continue
-        batch = DecodeBatch(model.backend)
-        logits = batch.start(ids, mask, capacity=ids.shape[1] + want_tokens.shape[1])
-        scale = float(golden[f"{name}/scale"]) if f"{name}/scale" in golden else float(np.abs(want_last).max())
-        err = float(np.abs(logits - want_last).max())
-        failures = []
-        if not np.isfinite(logits).all():
-            failures.append("non-finite logits")
-        if not err <= tolerance * scale:
-            failures.append(f"max |Δlogit| {err:.3g} > {tolerance:g} x scale {scale:.3g}")
-        agree, diverged = 0, False
-        tokens = logits.argmax(-1)
-        steps = want_tokens.shape[1]
-        for step in range(steps):
-            ok = tokens == want_tokens[:, step]
-            agree += int(ok.sum())
-            for row in np.flatnonzero(~ok):
-                # A tie in the reference is no failure: does the reference prefer its token by a clear margin?
-                listed = topk_ids[row, step] == tokens[row]
-                margin = topk_logits[row, step, 0] - (topk_logits[row, step][listed][0] if listed.any() else -np.inf)
-                if margin > tolerance * scale:
-                    diverged = True
-            if diverged or step == steps - 1:
-                break
-            # Teacher-forced: feed the reference's tokens, so one tie does not derail every later step.
-            logits = batch.step(want_tokens[:, step].astype(np.int64))
+        # A backend with one set of device buffers (TensorRT) may be serving a generation of the same Model: hold
+        # its lock for the case, as Model does for a generation, or the two would overwrite each other's cache.
+        with model.backend.lock if model.backend.exclusive else contextlib.nullcontext():
+            batch = DecodeBatch(model.backend)
+            logits = batch.start(ids, mask, capacity=ids.shape[1] + want_tokens.shape[1])
+            scale = float(golden[f"{name}/scale"]) if f"{name}/scale" in golden else float(np.abs(want_last).max())
+            err = float(np.abs(logits - want_last).max())
+            failures = []
+            if not np.isfinite(logits).all():
+                failures.append("non-finite logits")
+            if not err <= tolerance * scale:
+                failures.append(f"max |Δlogit| {err:.3g} > {tolerance:g} x scale {scale:.3g}")
+            agree, diverged = 0, False
             tokens = logits.argmax(-1)
+            steps = want_tokens.shape[1]
+            for step in range(steps):
+                ok = tokens == want_tokens[:, step]
+                agree += int(ok.sum())
+                for row in np.flatnonzero(~ok):
+                    # A tie in the reference is no failure: does the reference prefer its token by a clear margin?
+                    listed = topk_ids[row, step] == tokens[row]
+                    chosen = topk_logits[row, step][listed][0] if listed.any() else -np.inf
+                    if clear_preference(topk_logits[row, step, 0], chosen, tolerance, scale):
+                        diverged = True
+                if diverged or step == steps - 1:
+                    break
+                # Teacher-forced: feed the reference's tokens, so one tie does not derail every later step.
+                logits = batch.step(want_tokens[:, step].astype(np.int64))
+                tokens = logits.argmax(-1)
         if diverged and str(golden["precision"]) == "fp32":  # as at export: lower precisions may fork at a close call
             failures.append(f"greedy tokens diverge from the reference ({agree}/{want_tokens.size} agree)")
         results.append(CheckResult(name, ids.shape[0], err, scale, tolerance, agree, want_tokens.size,

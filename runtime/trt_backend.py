@@ -226,5 +226,8 @@ class TensorRTBackend:
         return logits, (1 - parity, length + 1)
 
     def score(self, input_ids, attention_mask, position_ids):
+        if self.last_only:
+            raise UsageError("this engine's graph returns last-position logits only (--logits last); score() needs "
+                             "an export with --logits all")
         with self.lock:  # shares the buffers with generations
             return self._run(0, input_ids, attention_mask, position_ids, 0, 0, True)

@@ -57,21 +57,23 @@ def tokenizer_dir(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """exported(name, spec, precision, target) -> (checkpoint, artifact), each exported once per test session."""
+    """exported(name, spec, precision, target, logits) -> (checkpoint, artifact), each exported once per test session."""
     from neodeploy.export import export
     from neodeploy.reference import make_checkpoint
 
     root = tmp_path_factory.mktemp("exported")
     made: dict = {}
 
-    def _get(name, spec, precision="fp32", target="portable"):
-        if (name, precision, target) not in made:
+    def _get(name, spec, precision="fp32", target="portable", logits=None):
+        key = (name, precision, target, logits)
+        if key not in made:
             ckpt = root / name
             if not ckpt.exists():
                 make_checkpoint(spec, ckpt, seed=5, init_std=0.1)
-            made[(name, precision, target)] = (ckpt, export(ckpt, root / f"{name}-{precision}-{target}",
-                                                            precision=precision, target=target, echo=lambda s: None))
-        return made[(name, precision, target)]
+            folder = root / "-".join([name, precision, target] + ([f"logits-{logits}"] if logits else []))
+            made[key] = (ckpt, export(ckpt, folder, precision=precision, target=target, logits=logits,
+                                      echo=lambda s: None))
+        return made[key]
 
     return _get
 

@@ -221,6 +221,8 @@ def test_cli_export_errors_exit_2(tmp_path):
         ((ckpt, tmp_path / "a", "--precision", "bf16"), "precision 'bf16'"),
         ((ckpt, tmp_path / "b", "--opset", "9"), "opset 9"),
         ((ckpt, tmp_path / "c", "--max-context", "5000"), "learned positions"),
+        ((ckpt, tmp_path / "f", "--logits", "first"), "--logits 'first' is not supported"),
+        ((ckpt, tmp_path / "g", "--target", "cpu", "--logits", "all"), "--target cpu returns last-position logits only"),
         ((ckpt, ckpt), "already exists"),
         ((tmp_path / "missing", tmp_path / "d"), "does not exist"),
     ):

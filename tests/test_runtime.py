@@ -299,6 +299,113 @@ def test_special_token_stop_strings_and_numpy_inputs(tmp_path):
     assert "".join(model.stream([5], max_new_tokens=30, stop=["ab", "xz"])) == "xa tail"
 
 
+def test_portable_last_position_logits_generate_check_and_validate_like_all_positions(pair, exported):
+    """--logits last (what a TensorRT prefill wants) changes what the graph returns, not what generation sees."""
+    import onnx
+
+    from neodeploy.runtime.check import run_check
+    from neodeploy.validate import validate
+
+    ckpt, full = pair
+    family = json.loads((full / "neodeploy.json").read_text())["spec"]["family"]
+    _, last = exported(f"rt-{family}", tiny_neo() if family == "gpt_neo" else tiny_neox(), logits="last")
+    manifest = json.loads((last / "neodeploy.json").read_text())
+    assert manifest["onnx"]["target"] == "portable" and manifest["onnx"]["logits"] == "last"
+    logits = onnx.load(str(last / "model.onnx"), load_external_data=False).graph.output[0]
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+    ours, theirs = load(last), load(full)
+    assert ([g.output_ids for g in ours.generate(PROMPTS, max_new_tokens=12)]
+            == [g.output_ids for g in theirs.generate(PROMPTS, max_new_tokens=12)])
+    assert all(r.passed for r in run_check(ours))
+    proc = _cli("check", last)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = np.array([PROMPTS[0]], np.int64)
+    with pytest.raises(UsageError, match="last-position logits only .* needs an export with --logits all"):
+        ours.backend.score(ids, np.ones_like(ids), np.arange(ids.shape[1])[None])
+    # validate needs every position only for perplexity, which it then gets one cached step per token.
+    report, baseline = (validate(m, ckpt, steps=8, echo=lambda s: None) for m in (ours, theirs))
+    assert report.passed, report.failures
+    assert report.perplexity["ratio"] == pytest.approx(baseline.perplexity["ratio"], abs=1e-5)
+
+
+def test_tie_rule_shared_by_export_check_and_the_gpu_test():
+    from neodeploy.runtime.check import clear_preference
+
+    # tolerance 3e-2 of a logit scale of 10: the reference must prefer its token by more than 0.3
+    assert not clear_preference(5.0, 4.75, 3e-2, 10.0) and clear_preference(5.0, 4.65, 3e-2, 10.0)
+    assert clear_preference(5.0, -np.inf, 3e-2, 10.0)  # a token outside the reference's top-k
+    np.testing.assert_array_equal(clear_preference(np.array([1.0, 1.0]), np.array([0.9, 0.0]), 1e-3, 100.0),
+                                  [False, True])
+
+
+class _OwnedLock:
+    def __init__(self):
+        self._lock, self.owner = threading.Lock(), None
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc):
+        self.owner = None
+        self._lock.release()
+
+
+class OneBufferBackend:
+    """onnxruntime behind TensorRT's contract: exclusive, with one cache for every caller (as its device buffers
+    are), so an unguarded caller decodes on whichever prefill ran last. Records steps taken without the lock."""
+
+    name = "one-buffer"
+    max_batch = max_prompt = max_context = None
+    exclusive, joinable, in_place, kernel_rotary = True, False, False, None
+
+    def __init__(self, inner):
+        self.inner, self.lock, self.unlocked, self.cache = inner, _OwnedLock(), [], None
+
+    def _enter(self, what):
+        if self.lock.owner != threading.get_ident():
+            self.unlocked.append(what)
+
+    def prefill(self, ids, mask, pos, capacity=None):
+        self._enter("prefill")
+        logits, self.cache = self.inner.prefill(ids, mask, pos, capacity)
+        return logits, None
+
+    def decode(self, ids, mask, pos, state):
+        self._enter("decode")
+        logits, self.cache = self.inner.decode(ids, mask, pos, self.cache)
+        return logits, None
+
+
+def test_check_beside_a_generation_holds_an_exclusive_backends_lock(pair):
+    from neodeploy.runtime.check import run_check
+
+    _, art = pair
+    model = load(art)
+    want = [g.output_ids for g in model.generate(PROMPTS, max_new_tokens=10)]
+    model.backend = shared = OneBufferBackend(model.backend)
+    generated, checked, errors, done = [], [], [], threading.Event()
+
+    def generate():  # for as long as the checks run, so the two overlap
+        try:
+            while not done.is_set() or not generated:
+                generated.append([g.output_ids for g in model.generate(PROMPTS, max_new_tokens=10)])
+        except Exception as exc:  # a step on another caller's cache can fail outright (shapes no longer fit)
+            errors.append(exc)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    try:
+        for _ in range(3):
+            checked.append(run_check(model))
+    finally:
+        done.set()
+        thread.join()
+    assert shared.unlocked == []  # fails every time without the lock; the overlap below only when the threads interleave
+    assert not errors and generated and all(out == want for out in generated)
+    assert all(r.passed for results in checked for r in results)
+
+
 def test_check_skips_cases_outside_an_engine_profile(pair):
     from neodeploy.runtime.check import run_check, table
 

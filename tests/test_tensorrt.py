@@ -125,6 +125,90 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     assert proc.returncode == 1 and "lint FAILED" in proc.stdout
 
 
+def test_lint_and_check_follow_a_last_position_logits_export(exported):
+    from neodeploy.export.lint import lint
+    from neodeploy.runtime import load
+    from neodeploy.runtime.check import run_check
+    from neodeploy.runtime.manifest import read_manifest
+
+    _, art = exported("trt-gpt_neox", tiny_neox(max_positions=2048), "fp16", logits="last")
+    manifest = read_manifest(art)
+    for name in shipped():
+        shapes = next(r for r in lint(art, manifest, load_profile(name), run_polygraphy=False) if r.name == "shapes")
+        assert shapes.passed, shapes.detail
+        assert all(item.endswith(", 1, 320]") for item in shapes.items), shapes.items  # logits [batch, 1, vocab]
+    assert all(r.passed for r in run_check(load(art)))
+
+
+def _scores_matmuls(model):
+    """For each Softmax: the MatMul its scores come from (q·kᵀ) and the nodes in between, walking back over the
+    mask ops (a Shape ends a walk: only its input's shape is read)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for softmax in (n for n in model.graph.node if n.op_type == "Softmax"):
+        matmuls, between, todo, seen = [], [], [softmax.input[0]], set()
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or id(node) in seen or node.op_type == "Shape":
+                continue
+            seen.add(id(node))
+            if node.op_type == "MatMul":
+                matmuls.append(node)
+                continue
+            between.append(node)
+            todo.extend(node.input)
+        found.append((matmuls, between))
+    return producer, found
+
+
+def _scalar(model, producer, name):
+    import onnx
+    from onnx import numpy_helper
+
+    tensor = next((t for t in model.graph.initializer if t.name == name), None)
+    node = producer.get(name)
+    if tensor is None and node is not None and node.op_type == "Constant":
+        tensor = onnx.helper.get_attribute_value(node.attribute[0])
+    if tensor is None:
+        return None
+    value = numpy_helper.to_array(tensor)
+    return float(value.reshape(-1)[0]) if value.size == 1 else None
+
+
+def _scales(model, producer, node, scale) -> bool:
+    """Is `node` a multiplication by `scale` (Mul by it, or Div by its inverse)?"""
+    import math
+
+    want = {"Mul": scale, "Div": 1 / scale}.get(node.op_type)
+    values = [_scalar(model, producer, name) for name in node.input]
+    return want is not None and any(v is not None and math.isclose(v, want, rel_tol=1e-3) for v in values)
+
+
+def test_fp16_attention_scales_q_before_q_kT_for_tensorrt_fusion(fp16_artifact):
+    """TensorRT fuses attention only when Q (or K) is scaled before the first MatMul; GPT-Neo scales nothing and
+    keeps q·kᵀ in fp32."""
+    import onnx
+
+    from neodeploy.runtime.manifest import read_manifest
+
+    spec = read_manifest(fp16_artifact).spec
+    model = onnx.load(str(fp16_artifact / "model.onnx"), load_external_data=False)
+    producer, found = _scores_matmuls(model)
+    assert len(found) == spec.num_layers
+    scale = spec.head_dim**-0.5
+    for matmuls, between in found:
+        assert len(matmuls) == 1, [m.name for m in matmuls]
+        qk = matmuls[0]
+        q, k = (producer.get(name) for name in qk.input)
+        assert k is not None and k.op_type == "Transpose"  # kᵀ: the other input is the q side
+        assert not any(_scales(model, producer, node, scale) for node in between)  # no scaling of the scores
+        if spec.family == "gpt_neox":
+            assert q is not None and _scales(model, producer, q, scale), q
+        else:
+            assert q.op_type == "Cast" and q.attribute[0].i == onnx.TensorProto.FLOAT
+            assert not any(node.op_type in ("Mul", "Div") for node in between)
+
+
 def _has_tensorrt_and_gpu() -> str | None:
     try:
         import tensorrt  # noqa: F401
@@ -160,8 +244,12 @@ gpu = pytest.mark.skipif(_has_tensorrt_and_gpu() is not None, reason=str(_has_te
 def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pragma: no cover - needs a GPU
     import shutil
 
+    import numpy as np
+
+    from neodeploy.export.verify import TOLERANCE
     from neodeploy.runtime import load
-    from neodeploy.runtime.check import run_check
+    from neodeploy.runtime.batch import DecodeBatch
+    from neodeploy.runtime.check import clear_preference, run_check
 
     art = tmp_path / "art"
     shutil.copytree(fp16_artifact, art)
@@ -175,7 +263,14 @@ def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pra
     prompts = [[5, 17, 33, 2, 250, 9], [42, 8]]
     ours, theirs = trt_model.generate(prompts, max_new_tokens=8), ort_model.generate(prompts, max_new_tokens=8)
     assert [len(g.output_ids) for g in ours] == [8, 8]
-    assert [g.output_ids[0] for g in ours] == [g.output_ids[0] for g in theirs]
+    # Random weights give near ties that fp16 rounding in two kernels may resolve differently: a different first
+    # token fails only where onnxruntime prefers its own by more than the fp16 tolerance (the golden check's rule).
+    first = DecodeBatch(ort_model.backend).prefill(prompts, ort_model.pad_token_id, capacity=16)
+    for row, (mine, want) in enumerate(zip(ours, theirs)):
+        assert want.output_ids[0] == int(first[row].argmax())
+        logits, tolerance = first[row], TOLERANCE[ort_model.manifest.precision]
+        assert not clear_preference(logits[want.output_ids[0]], logits[mine.output_ids[0]], tolerance,
+                                    float(np.abs(logits).max())), (row, mine.output_ids[0], want.output_ids[0])
     assert all(r.passed for r in run_check(trt_model))
 
 
