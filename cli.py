@@ -11,6 +11,7 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.errors import NeodeployError, UsageError
+from neodeploy.export import memory as export_memory
 from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
 
 DEFAULT_PRESET = "pythia-14m"
@@ -69,6 +70,7 @@ def _sizes_table(spec: ModelSpec) -> list[tuple[str, str]]:
         ("tied embeddings", str(spec.tied_embeddings)),
         ("parameters", f"{human_count(n)} ({n:,})"),
         ("weights fp32 / fp16", f"{human_bytes(4 * n)} / {human_bytes(2 * n)}"),
+        ("export memory (peak, any target)", f"{human_bytes(export_memory.need(spec))} (1.5 x fp32 weights + 1.5 GB)"),
         ("KV cache per token fp32 / fp16", f"{human_bytes(4 * kv_per_token)} / {human_bytes(2 * kv_per_token)}"),
         (
             f"KV cache at {spec.max_positions} tokens, fp16",
@@ -87,12 +89,14 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 # --------------------------------------------------------------------------------------------- commands
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    print(f"{'preset':<14} {'family':<9} {'layers':>6} {'hidden':>6} {'heads':>5} {'params':>8} {'fp32':>10} {'fp16':>10}")
+    print(f"{'preset':<14} {'family':<9} {'layers':>6} {'hidden':>6} {'heads':>5} {'params':>8} {'fp32':>10} {'fp16':>10} "
+          f"{'export mem':>10}")
     for name, spec in PRESETS.items():
         n = spec.num_parameters()
         print(
             f"{name:<14} {spec.family:<9} {spec.num_layers:>6} {spec.hidden_size:>6} {spec.num_heads:>5} "
-            f"{human_count(n):>8} {human_bytes(4 * n):>10} {human_bytes(2 * n):>10}"
+            f"{human_count(n):>8} {human_bytes(4 * n):>10} {human_bytes(2 * n):>10} "
+            f"{human_bytes(export_memory.need(spec)):>10}"
         )
     return 0
 
@@ -241,8 +245,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
            overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size, target=args.target,
-           logits=args.logits, reuse_reference=not args.no_reference_cache)
+           logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"))
     return 0
+
+
+def _size(text: str | None, flag: str) -> int | None:
+    from neodeploy.files import parse_size
+
+    if text is None:
+        return None
+    size = parse_size(text)
+    if size is None or size < 1:
+        raise UsageError(f"{flag} {text!r} is not a size; give one with its unit, e.g. 32GB or 24GiB")
+    return size
 
 
 def _read_prompts(items: list[str]) -> list[str]:
@@ -603,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(onnxruntime fusions, last-position logits only)")
     p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "
                    "(the last position only, all generation reads; always so for --target cpu)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory the export may use (e.g. 32GB), instead of what "
+                   "/proc/meminfo and the cgroup say is available; the export refuses up front if it needs more")
     p.add_argument("--no-reference-cache", action="store_true", help="recompute the reference stage instead of "
                    "reusing it from an earlier export of the same checkpoint ($NEODEPLOY_CACHE/reference)")
     p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
@@ -739,6 +756,8 @@ def _check_output_paths(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a pipe (tee, CI logs) as they are printed
+        sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         from neodeploy import progress

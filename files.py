@@ -11,6 +11,20 @@ import tempfile
 from pathlib import Path
 
 
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from a size with its unit ('512MiB', '2GB', '1.5 GiB'); None for anything else."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(text))
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        return None
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -37,6 +51,16 @@ def check_destination(out: Path, overwrite: bool, error: type[Exception]) -> Non
 def os_reason(exc: Exception) -> str:
     """strerror where the OS gave one; numpy, safetensors and others raise with only a message."""
     return getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """A full, read-only or failing disk (numpy and safetensors say so in words, without an errno), not a bug."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno in WRITE_ERRORS
+    return any(word in str(exc).lower() for word in ("space", "disk full", "quota", "read-only", "i/o error"))
 
 
 def write_failed(exc: Exception, where: Path, error: type[Exception], need_bytes: int | None = None) -> Exception:

@@ -6,33 +6,36 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import onnx
 
-from neodeploy.export.graph import DATA_SUFFIX, finish_rewrite, list_inputs, op_counts, set_aside
+from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, op_counts
 
 FUSED = ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "Attention", "MultiHeadAttention",
          "GroupQueryAttention", "RotaryEmbedding")
 
 
 def fuse(path: Path, spec) -> dict:
-    """Rewrite model.onnx in place with onnxruntime's fusions; returns {fused op: count}."""
+    """Rewrite model.onnx in place with onnxruntime's fusions; returns {fused op: count}.
+
+    The weights never enter memory: the optimizer gets the graph with its large initializers still external
+    (pointing into model.onnx.data, which is not rewritten), and its Python fusions match on structure and the
+    small constants stored inline. Run it in a child process (graph.in_subprocess): it changes the working
+    folder, so that a fusion that does read a weight finds the data file beside the graph and reads only it."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    contract = list_inputs(onnx.load(str(path), load_external_data=False))
-    with set_aside(path, ".unfused") as source, contextlib.redirect_stdout(io.StringIO()):
+    model = onnx.load(str(path), load_external_data=False)
+    contract = list_inputs(model)
+    os.chdir(path.parent)
+    with contextlib.redirect_stdout(io.StringIO()):
         # GPT-NeoX maps to onnxruntime's BERT fusions and GPT-Neo to GPT-2's; the patterns they match here are
         # the same (SkipLayerNorm, BiasGelu), attention is not fused by either.
-        optimized = optimize_model(str(source), model_type="gpt2" if spec.family == "gpt_neo" else "bert",
-                                   num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=0)
-        optimized.save_model_to_file(str(path), use_external_data_format=True, all_tensors_to_one_file=True)
-    written = [p for p in path.parent.iterdir() if p.name.startswith(path.name) and p.name != path.name]
-    data = path.with_name(path.name + DATA_SUFFIX)
-    relocated = None
-    if not data.exists() and len(written) == 1:  # the optimizer names its data file itself: normalise it
-        written[0].rename(data)
-        relocated = data.name
-    counts = op_counts(finish_rewrite(path, contract, relocated))
+        optimized = optimize_model(model, model_type="gpt2" if spec.family == "gpt_neo" else "bert",
+                                   num_heads=spec.num_heads, hidden_size=spec.hidden_size, opt_level=0).model
+    append_external_data(optimized, path.with_name(path.name + DATA_SUFFIX))  # what a fusion created, if large
+    onnx.save_model(optimized, str(path))
+    counts = op_counts(finish_rewrite(path, contract))
     return {op: counts[op] for op in FUSED if counts[op]}

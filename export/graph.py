@@ -141,16 +141,23 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
-                        last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
-    """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
+def in_subprocess(fn, *args):
+    """fn(*args) in a fresh (spawned) process that dies with this one: every byte a stage's tools hold — torch's
+    exporter, onnxruntime's optimizer and quantiser, which copy whole models — goes back to the OS when it exits,
+    instead of staying in this process's heap for the stages after it. fn and its result must pickle."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=die_with_parent) as pool:
-        pool.submit(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states,
-                    last_logits_only, fused_attention, max_context).result()
+        return pool.submit(fn, *args).result()
+
+
+def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
+                        last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
+    """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
+    in_subprocess(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states, last_logits_only,
+                  fused_attention, max_context)
 
 
 def convert(path: Path, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:
@@ -232,6 +239,23 @@ def set_aside(path: Path, folder: str):
         yield side / path.name
     finally:
         shutil.rmtree(side, ignore_errors=True)
+
+
+def append_external_data(model: onnx.ModelProto, data: Path, threshold: int = 1024, align: int = 4096) -> None:
+    """Initializers held inline (ones a rewrite created) of `threshold` bytes or more are appended to the data
+    file, as onnx's external-data writer does, and point there: the graph file stays small, the existing weights
+    are neither read nor rewritten."""
+    from onnx.external_data_helper import set_external_data
+
+    with open(data, "ab") as f:
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) >= threshold:
+                offset = -(-f.tell() // align) * align
+                f.write(b"\0" * (offset - f.tell()))
+                f.write(tensor.raw_data)
+                set_external_data(tensor, data.name, offset, len(tensor.raw_data))
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def op_counts(model: onnx.ModelProto) -> Counter:

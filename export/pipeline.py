@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import gc
 import shutil
 import time
 from collections.abc import Callable
@@ -11,11 +10,11 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import fuse, graph, refcache, verify
+from neodeploy.export import fuse, graph, memory, refcache, verify
 from neodeploy.progress import live
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import load_spec
-from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish, write_failed
+from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
 from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -114,15 +113,12 @@ def export(
     logits: str | None = None,
     echo: Callable[[str], None] = print,
     reuse_reference: bool = True,
+    max_memory: int | None = None,
 ) -> Path:
     """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift.
 
     logits: "all" positions (portable default: score / perplexity in one run) or the "last" only (what generation
     reads; a TensorRT prefill then does not compute [batch, prompt, vocab] fp32 logits). The cpu target is last only."""
-    import torch
-
-    from neodeploy.reference.checkpoint import load_checkpoint
-
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if target not in TARGETS:
         raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum) or cpu")
@@ -133,6 +129,7 @@ def export(
     if target == "cpu" and logits != "last":
         raise UsageError("--target cpu returns last-position logits only; drop --logits all, or export --target portable")
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
+    memory.check(spec, max_memory, ExportError)  # said before any work, from the spec
     cpu = target == "cpu"
     # onnxruntime's CPU GroupQueryAttention kernel is fp32 only: an fp16 CPU export keeps the plain attention.
     in_place = cpu and precision == "fp32"
@@ -150,10 +147,7 @@ def export(
             if digest and refcache.load(digest, cases):
                 echo(f"      reference reused from {refcache.cache_dir()} (same checkpoint files and golden cases)")
             else:
-                model = load_checkpoint(checkpoint, dtype=torch.float32)
-                verify.run_reference(model, cases)
-                del model
-                gc.collect()
+                cases = verify.reference_in_subprocess(checkpoint, cases)
                 if digest:
                     refcache.save(digest, cases)
         onnx_path = tmp / "model.onnx"
@@ -168,14 +162,14 @@ def export(
         fused = None
         if cpu:
             with progress.stage("fuse", "onnxruntime transformer optimizer (CPU target)"):
-                fused = fuse.fuse(onnx_path, spec)
+                fused = graph.in_subprocess(fuse.fuse, onnx_path, spec)
                 echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in fused.items()) or 'nothing'}")
                 if not in_place:
                     echo("      attention stays unfused: onnxruntime's CPU GroupQueryAttention is fp32 only")
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):
-                quant_entry = quantization.quantize(onnx_path, quantize, block_size)
+                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size)
                 echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)
@@ -210,7 +204,7 @@ def export(
             publish(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and is_write_failure(exc):
             need = spec.num_parameters() * (2 if precision == "fp16" else 4)
             raise write_failed(exc, out_dir, ExportError, need) from exc
         raise

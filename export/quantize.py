@@ -9,24 +9,25 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import onnx
 
 from neodeploy.errors import UsageError
-from neodeploy.export.graph import DATA_SUFFIX, finish_rewrite, list_inputs, set_aside
+from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, set_aside
 
 METHODS = ("int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 
 
-def _fold_weight_transposes(path: Path) -> onnx.ModelProto:
+def _fold_weight_transposes(path: Path) -> None:
     """A tied lm_head reaches its MatMul through Transpose(embedding): the quantiser only takes constant weights,
-    so give that MatMul its own pre-transposed initializer (the embedding itself stays for the Gather).
-    Returns the model as written, weights loaded."""
+    so give that MatMul its own pre-transposed initializer (the embedding itself stays for the Gather). Only the
+    embedding is read, and its transposed copy is appended to the data file: the other weights stay on disk."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     initializers = {t.name: t for t in model.graph.initializer}
     consumers: dict[str, list] = {}
     for node in model.graph.node:
@@ -40,24 +41,86 @@ def _fold_weight_transposes(path: Path) -> onnx.ModelProto:
         if not users or any(u.op_type != "MatMul" or u.input[1] != node.output[0] for u in users):
             continue
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        weight = numpy_helper.to_array(initializers[node.input[0]])
+        weight = numpy_helper.to_array(initializers[node.input[0]], base_dir=str(path.parent))
         model.graph.initializer.append(numpy_helper.from_array(weight.transpose(perm), node.output[0] + "_folded"))
+        del weight
         for user in users:
             user.input[1] = node.output[0] + "_folded"
         folded.append(node)
     if folded:
         for node in folded:
             model.graph.node.remove(node)
-        data = path.with_name(path.name + DATA_SUFFIX)
-        data.unlink()
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        model = onnx.load(str(path))  # saving moved the weights out of this proto into the data file
-    return model
+        append_external_data(model, path.with_name(path.name + DATA_SUFFIX))
+        onnx.save_model(model, str(path))
+
+
+@contextlib.contextmanager
+def _weights_on_demand(folder: Path):
+    """While onnxruntime's quantisers run on a graph whose weights are still on disk, `onnx.numpy_helper.to_array`
+    (what both call for every weight they quantise) reads a weight into a temporary copy of its TensorProto
+    instead of into the graph: one fp32 weight at a time is in memory, never all of them. Run in a child process
+    (graph.in_subprocess): the patch is process-wide while it lasts. The dynamic quantiser also saves and
+    reloads the model to infer shapes, which would load every weight: shape inference runs on the weight-free
+    graph instead, which is what that round trip computes."""
+    import copy as copying
+
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+    from onnxruntime.quantization import onnx_quantizer
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    original = numpy_helper.to_array
+    reload = onnx_quantizer.save_and_reload_model_with_shape_infer
+
+    def infer_in_memory(model):
+        inferred = onnx.shape_inference.infer_shapes(copying.deepcopy(model))
+        add_infer_metadata(inferred)
+        return inferred
+
+    def to_array(tensor, base_dir=""):
+        if uses_external_data(tensor) and not tensor.HasField("raw_data"):
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            return original(copy, str(folder))
+        return original(tensor, base_dir)
+
+    numpy_helper.to_array, onnx_quantizer.save_and_reload_model_with_shape_infer = to_array, infer_in_memory
+    try:
+        yield
+    finally:
+        numpy_helper.to_array, onnx_quantizer.save_and_reload_model_with_shape_infer = original, reload
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path):  # contextlib.chdir, which Python 3.10 lacks
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _save_with_remaining_weights(model: onnx.ModelProto, source: Path, path: Path) -> None:
+    """Weights the quantiser left alone (embeddings, norms) are still external, in the set-aside fp32 data file:
+    read them (a small share of the model) and write the whole graph to one new data file beside `path`."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) and not tensor.HasField("raw_data"):
+            load_external_data_for_tensor(tensor, str(source.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + DATA_SUFFIX, size_threshold=1024)
 
 
 def quantize(path: Path, method: str, block_size: int = 32) -> dict:
-    """Quantise model.onnx in place (its fp32 copy is set aside and removed); returns the manifest entry."""
+    """Quantise model.onnx in place (its fp32 copy is set aside and removed); returns the manifest entry.
+
+    Memory: the graph is loaded without its weights and each weight is read when it is quantised, so the peak is
+    about the quantised weights plus the largest fp32 one, not the fp32 model plus the copies the quantisers'
+    whole-model path makes (measured on pythia-160m: 2.4 GB child before, see the README's memory table)."""
     if method not in METHODS:
         raise UsageError(f"--quantize {method!r} is not supported; choose int8 or int4")
     if method == "int4" and block_size not in BLOCK_SIZES:
@@ -66,17 +129,26 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
     contract = list_inputs(onnx.load(str(path), load_external_data=False))
     logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
     with set_aside(path, ".fp32") as source:
-        folded = _fold_weight_transposes(source)
-        with contextlib.redirect_stdout(quiet):
+        _fold_weight_transposes(source)
+        model = onnx.load(str(source), load_external_data=False)
+        # The int4 quantiser reads external weights relative to the working folder.
+        with contextlib.redirect_stdout(quiet), _weights_on_demand(source.parent), _working_folder(source.parent):
             if method == "int8":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
+                from onnxruntime.quantization import QuantizationMode, QuantType
+                from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
+                from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
 
-                quantize_dynamic(str(source), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                                 per_channel=True, use_external_data_format=True,
-                                 # GroupQueryAttention has no onnx schema, so shape inference leaves the
-                                 # tensors after it untyped: they are fp32.
-                                 extra_options={"MatMulConstBOnly": True,
-                                                "DefaultTensorType": onnx.TensorProto.FLOAT})
+                # What quantize_dynamic does, minus its save-and-reload of the whole model with its weights.
+                model = onnx.shape_inference.infer_shapes(model)
+                add_infer_metadata(model)
+                model = update_opset_version(model, QuantType.QInt8)
+                quantizer = ONNXQuantizer(
+                    model, True, False, QuantizationMode.IntegerOps, False, QuantType.QInt8, QuantType.QUInt8,
+                    None, None, None, ["MatMul"],
+                    # GroupQueryAttention has no onnx schema, so shape inference leaves the tensors after it
+                    # untyped: they are fp32.
+                    {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+                quantizer.quantize_model()
                 entry = {"method": "int8", "ops": "MatMul -> DynamicQuantizeLinear + MatMulInteger",
                          "weights": "int8 per output channel, symmetric"}
             else:
@@ -85,13 +157,12 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
                 # accuracy_level 4: the kernel quantises each activation block to int8 and multiplies in int8
                 # (measured on pythia-160m: decode 5.9 vs 8.0 ms/token, batch 8 17.5 vs 33.9, same top-1 on the
                 # trained fixture as fp32 activations).
-                quantizer = MatMulNBitsQuantizer(folded, block_size=block_size, is_symmetric=True,
-                                                 accuracy_level=4)
+                quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4)
                 quantizer.process()
-                quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
                 entry = {"method": "int4", "ops": "MatMul -> MatMulNBits", "block_size": block_size,
                          "weights": "int4 per block, symmetric", "accuracy_level": 4,
                          "activations": "int8 per block inside the kernel"}
+        _save_with_remaining_weights(quantizer.model.model, source, path)
     model = finish_rewrite(path, contract)
     entry["quantized_matmuls"] = sum(n.op_type in ("MatMulInteger", "MatMulNBits") for n in model.graph.node)
     return entry

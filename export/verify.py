@@ -111,6 +111,22 @@ def run_reference(model, cases: list[Case], steps: int = DECODE_STEPS) -> None:
             case.step_logits = torch.stack(step_logits, dim=1).numpy()
 
 
+def _reference_of_checkpoint(checkpoint: str, cases: list[Case], steps: int) -> list[Case]:
+    import torch
+
+    from neodeploy.reference.checkpoint import load_checkpoint
+
+    run_reference(load_checkpoint(checkpoint, dtype=torch.float32), cases, steps)
+    return cases
+
+
+def reference_in_subprocess(checkpoint: Path, cases: list[Case], steps: int = DECODE_STEPS) -> list[Case]:
+    """run_reference on the checkpoint in a child process, so the fp32 model's memory is the OS's again after."""
+    from neodeploy.export.graph import in_subprocess
+
+    return in_subprocess(_reference_of_checkpoint, str(checkpoint), cases, steps)
+
+
 class OnnxDecoder:
     """Plain onnxruntime fed with the graph's own names: the numpy path verification needs, nothing more."""
 

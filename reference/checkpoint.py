@@ -24,7 +24,7 @@ from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
 from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
 from neodeploy.progress import live
-from neodeploy.files import check_destination, make_temp_dir, normalise_permissions, publish, write_failed
+from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -269,7 +269,7 @@ def make_checkpoint(
         publish(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a full disk as its own error
+        if isinstance(exc, (OSError, SafetensorError)) and is_write_failure(exc):  # safetensors: its own error
             raise write_failed(exc, out, UsageError, spec.num_parameters() * torch.finfo(torch_dtype).bits // 8) from exc
         raise
     return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -33,23 +32,22 @@ import numpy as np
 
 from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.batch import DecodeBatch
+from neodeploy.files import parse_size
 from neodeploy.runtime.manifest import Manifest
 from neodeploy.runtime.sampling import SamplingParams
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
 
 def parse_kv_budget(budget: int | str | None, manifest: Manifest) -> int | None:
     """Tokens from `4096` / `"4096"` (tokens) or `"512MiB"` / `"2GB"` (bytes, divided by the per-token size)."""
     if budget is None or isinstance(budget, int) and not isinstance(budget, bool):
         tokens = budget
+    elif str(budget).strip().isdigit():
+        tokens = int(str(budget).strip())
     else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(budget))
-        unit = match.group(2).lower() if match else None
-        if not match or unit not in _UNITS or (unit == "" and "." in match.group(1)):
+        size = parse_size(budget)
+        if size is None:
             raise UsageError(f"kv budget {budget!r} is neither a token count (4096) nor a size (512MiB, 2GB)")
-        tokens = int(match.group(1)) if unit == "" else int(float(match.group(1)) * _UNITS[unit]) // manifest.kv_bytes_per_token
+        tokens = size // manifest.kv_bytes_per_token
     if tokens is not None and tokens < 1:
         raise UsageError(f"kv budget {budget!r} holds no token; give at least one sequence's worth")
     return tokens

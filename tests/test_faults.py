@@ -238,6 +238,14 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -265,7 +273,11 @@ def test_kill_or_ctrl_c_during_trace_or_verify_keeps_the_old_artifact(world, tmp
                     seen = True
                     break
             assert seen, f"the export never reached {stage}: {proc.stderr.read()[-800:]}"
-            time.sleep(0.5 if stage == "trace" else 0.0)  # the trace worker is up; a tiny model verifies in ~1 s
+            if stage == "trace":  # signal once the trace worker runs (a tiny model verifies in ~1 s: no wait)
+                while time.monotonic() < deadline and not any(
+                        "spawn_main" in _cmdline(c) for c in _descendants(proc.pid)):
+                    time.sleep(0.05)
+                time.sleep(0.3)
             family = _descendants(proc.pid)
             if sig == signal.SIGINT:
                 os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does: the whole foreground group
