@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import drifted_copy, tiny_neo, tiny_neox
+from conftest import alive, cmdline, descendants, drifted_copy, tiny_neo, tiny_neox
 from neodeploy.files import publish, recover_interrupted
 
 CLI = [sys.executable, "-m", "neodeploy"]
@@ -221,39 +221,6 @@ def test_a_full_or_read_only_disk_is_one_line_and_keeps_the_old_artifact(world, 
 
 # ------------------------------------------------------------------------------------- killed or interrupted
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            return f.read().replace("\0", " ")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
 def test_kill_or_ctrl_c_during_trace_or_verify_keeps_the_old_artifact(world, tmp_path):
     out = tmp_path / "art"
@@ -275,10 +242,10 @@ def test_kill_or_ctrl_c_during_trace_or_verify_keeps_the_old_artifact(world, tmp
             assert seen, f"the export never reached {stage}: {proc.stderr.read()[-800:]}"
             if stage == "trace":  # signal once the trace worker runs (a tiny model verifies in ~1 s: no wait)
                 while time.monotonic() < deadline and not any(
-                        "spawn_main" in _cmdline(c) for c in _descendants(proc.pid)):
+                        "spawn_main" in cmdline(c) for c in descendants(proc.pid)):
                     time.sleep(0.05)
                 time.sleep(0.3)
-            family = _descendants(proc.pid)
+            family = descendants(proc.pid)
             if sig == signal.SIGINT:
                 os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does: the whole foreground group
             else:
@@ -286,9 +253,9 @@ def test_kill_or_ctrl_c_during_trace_or_verify_keeps_the_old_artifact(world, tmp
             _, err = proc.communicate(timeout=120)
             assert proc.returncode in ((-9,) if sig == signal.SIGKILL else (130,)), (stage, sig, proc.returncode, err)
             deadline = time.monotonic() + 20
-            while any(_alive(p) for p in family) and time.monotonic() < deadline:
+            while any(alive(p) for p in family) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert not [p for p in family if _alive(p)], f"{stage}/{sig.name}: a worker outlived the export"
+            assert not [p for p in family if alive(p)], f"{stage}/{sig.name}: a worker outlived the export"
             assert snapshot(out) == original, f"{stage}/{sig.name}: the old artifact changed"
             leftovers = [p.name for p in tmp_path.iterdir() if p.name != "art"]
             if sig == signal.SIGINT:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_neox
+from conftest import alive, cmdline, descendants, tiny_neox
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.files import sha256
 from neodeploy.runtime import load
@@ -133,27 +133,6 @@ def test_output_paths_stdin_and_lint_are_checked_up_front(exported, tmp_path):
     assert result.returncode == 2 and "sha256" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
 def test_a_killed_export_leaves_no_worker_and_its_temp_folder_goes_next_time(exported, tmp_path):
     import signal
@@ -166,16 +145,15 @@ def test_a_killed_export_leaves_no_worker_and_its_temp_folder_goes_next_time(exp
     deadline = time.monotonic() + 60
     workers = []
     while time.monotonic() < deadline and not workers:  # the trace worker (multiprocessing spawn) is running
-        workers = [c for c in _children(proc.pid)
-                   if "spawn_main" in open(f"/proc/{c}/cmdline").read().replace("\0", " ")]
+        workers = [c for c in descendants(proc.pid) if "spawn_main" in cmdline(c)]
         time.sleep(0.05)
     assert workers, "the export never started its trace worker"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 15
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(w) for w in workers), "the trace worker outlived its parent"
+    assert not any(alive(w) for w in workers), "the trace worker outlived its parent"
     assert list(tmp_path.glob(".out.*.tmp")), "the killed export's work folder should be there to clean up"
     assert not out.exists()
     export_again = _cli("export", ckpt, out, "--quiet")
