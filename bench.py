@@ -3,7 +3,11 @@ measured on the same inputs in the same run: systems alternate within every repe
 and noisy, so only ratios within one run mean anything), after a warm-up; medians and spread.
 
 Peers, each skipped with a note when not installed: the PyTorch reference, transformers (its default
-attention), and Optimum's ORTModelForCausalLM on Optimum's own export of the same checkpoint.
+attention), Optimum's ORTModelForCausalLM on Optimum's own export of the same checkpoint (torch pinned to one
+thread while it runs: torch's glue beside onnxruntime oversubscribes the cores), and llama.cpp through
+llama-cpp-python on a GGUF of the same checkpoint (`--compare llama.cpp --gguf FILE`; batch 1 only; GPT-NeoX
+only, llama.cpp has no GPT-Neo). Every row reports its decode time against its own memory roof: the weight bytes
+that system reads per token divided by the machine's read bandwidth, measured with a read-only kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from neodeploy.errors import UsageError
 if TYPE_CHECKING:
     from neodeploy.runtime.manifest import Manifest
 
-SYSTEMS = ("neodeploy", "reference", "transformers", "optimum")
+SYSTEMS = ("neodeploy", "reference", "transformers", "optimum", "llama.cpp")
+DEFAULT_PEERS = ("reference", "transformers", "optimum")  # llama.cpp only when asked: it needs a GGUF
 
 
 def _rss_mb() -> float:
@@ -34,22 +39,46 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def copy_bandwidth_gbs(nbytes: int = 256 * 2**20, repeat: int = 5) -> float:
-    """Bytes copied per second by large memcpys (numpy, one per core at once, as the runtime's threads read),
-    best of a few: the memory roof for decode."""
-    import concurrent.futures
+def cores() -> int:
     import os
 
-    workers = max(1, os.cpu_count() or 1)
-    src = [np.ones(nbytes // 8 // workers) for _ in range(workers)]
-    dst = [np.empty_like(a) for a in src]
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        def copy_all():
-            list(pool.map(lambda k: np.copyto(dst[k], src[k]), range(workers)))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-        copy_all()
-        best = min(_timed(copy_all) for _ in range(repeat))
+
+def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeat: int = 5) -> float:
+    """Bytes read per second by a read-only kernel: a sum over arrays far larger than the caches, one thread
+    per core at once (numpy releases the GIL in reductions), as decode's threads read the weights; best of a few.
+    A copy would write as much as it reads and understate the roof."""
+    import concurrent.futures
+
+    workers = cores()
+    arrays = [np.ones(nbytes // 4 // workers, np.float32) for _ in range(workers)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        def read_all():
+            list(pool.map(np.sum, arrays))
+
+        read_all()
+        best = min(_timed(read_all) for _ in range(repeat))
     return nbytes / best / 1e9
+
+
+def checkpoint_bytes_per_token(spec) -> int:
+    """Weight bytes one fp32 decode step of the checkpoint reads (PyTorch, Optimum): every weight but the
+    input embeddings, of which a lookup reads one row (a tied embedding is read whole, as the head)."""
+    skip = 0 if spec.tied_embeddings else spec.vocab_size * spec.hidden_size
+    if spec.family == "gpt_neo":
+        skip += spec.max_positions * spec.hidden_size
+    return 4 * (spec.num_parameters() - skip)
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Weight bytes one llama.cpp decode step reads: every tensor of the GGUF but the token embedding (read
+    with the `gguf` package, which llama.cpp's converter needs anyway; else the file size, an overestimate)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return path.stat().st_size
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
 
 
 def _timed(fn) -> float:
@@ -62,6 +91,8 @@ class Runner:
     """Greedy prefill then decode steps, with the system's own cache handling."""
 
     name = ""
+    max_batch: int | None = None
+    bytes_per_token = 0
 
     def prefill(self, ids: np.ndarray) -> None: ...
 
@@ -71,10 +102,10 @@ class Runner:
 class NeodeployRunner(Runner):
     name = "neodeploy"
 
-    def __init__(self, artifact: Path, backend: str | None = None, new_tokens: int = 64):
+    def __init__(self, artifact: Path, backend: str | None = None, new_tokens: int = 64, threads: int | None = None):
         from neodeploy.runtime import load
 
-        self.model = load(artifact, backend=backend)
+        self.model = load(artifact, backend=backend, threads=threads)
         self.backend, self.new_tokens = self.model.backend, new_tokens
 
     def prefill(self, ids):
@@ -145,17 +176,64 @@ class OptimumRunner(Runner):
             ORTModelForCausalLM.from_pretrained(str(checkpoint), export=True).save_pretrained(export_dir)
         self.model = ORTModelForCausalLM.from_pretrained(export_dir, use_cache=True)
 
+    def _one_torch_thread(self, fn):
+        threads = self.torch.get_num_threads()
+        self.torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            self.torch.set_num_threads(threads)
+
     def prefill(self, ids):
+        self._one_torch_thread(lambda: self._prefill(ids))
+
+    def step(self):
+        self._one_torch_thread(self._step)
+
+    def _prefill(self, ids):
         self.mask = self.torch.ones(ids.shape, dtype=self.torch.long)
         out = self.model(input_ids=self.torch.from_numpy(ids), attention_mask=self.mask, use_cache=True)
         self.past, self.token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def step(self):
+    def _step(self):
         self.mask = self.torch.cat([self.mask, self.torch.ones_like(self.token)], dim=1)
         position = self.torch.full(self.token.shape, self.mask.shape[1] - 1, dtype=self.torch.long)
         out = self.model(input_ids=self.token, attention_mask=self.mask, position_ids=position,
                          past_key_values=self.past, use_cache=True)
         self.past, self.token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+class LlamaCppRunner(Runner):
+    """llama.cpp through llama-cpp-python: the same prompt ids, greedy, the same thread count, batch 1."""
+
+    name = "llama.cpp"
+    max_batch = 1
+
+    def __init__(self, gguf: Path, context: int, threads: int):
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise ImportError("llama-cpp-python is not installed (it compiles llama.cpp, 20+ minutes: see the "
+                              "README's speed section for building it once)") from exc
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {gguf} not found")
+        # n_batch = n_ctx: the whole prompt in one batch, and llama-cpp-python keeps the last logits at row
+        # n_tokens - 1 of a buffer of n_batch rows.
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_threads=threads,
+                                   n_threads_batch=threads, logits_all=False, verbose=False)
+        self.bytes_per_token = gguf_bytes_per_token(gguf)
+
+    def _greedy(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval([int(t) for t in ids[0]])
+        self.token = self._greedy()
+
+    def step(self):
+        self.llm.eval([self.token])
+        self.token = self._greedy()
 
 
 @dataclass
@@ -165,18 +243,22 @@ class Result:
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms: list[float] = field(default_factory=list)
     memory_mb: float = float("nan")
+    bytes_per_token: int = 0
 
-    def summary(self, new_tokens: int, floor_ms: float) -> dict:
+    def summary(self, new_tokens: int, bandwidth_gbs: float) -> dict:
         def stats(values):
             return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
         decode = statistics.median(self.decode_ms)
+        roof_ms = self.bytes_per_token / (bandwidth_gbs * 1e9) * 1e3 if self.bytes_per_token else None
         return {
             "system": self.system, "batch": self.batch,
             "prefill_ms": stats(self.prefill_ms), "decode_ms_per_token": stats(self.decode_ms),
             "tokens_per_s": self.batch * 1000.0 / decode,
             "memory_mb": self.memory_mb,
-            "decode_x_floor": decode / floor_ms if floor_ms else None,
+            "weight_bytes_per_token": self.bytes_per_token,
+            "roof_ms_per_token": roof_ms,
+            "decode_x_roof": decode / roof_ms if roof_ms else None,
             "new_tokens": new_tokens,
         }
 
@@ -222,17 +304,23 @@ def weight_bytes_per_token(artifact: Path, manifest: Manifest) -> int:
 
 def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: list[str] | None = None,
           batches: list[int] = (1,), prompt: int = 128, new_tokens: int = 64, repeat: int = 5,
-          echo=print) -> dict:
+          gguf: str | Path | None = None, threads: int | None = None, echo=print) -> dict:
     from neodeploy.runtime.manifest import read_manifest
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    compare = list(compare if compare is not None else SYSTEMS[1:])
+    compare = list(compare if compare is not None else DEFAULT_PEERS)
     unknown = [s for s in compare if s not in SYSTEMS]
     if unknown:
         raise UsageError(f"unknown system {unknown[0]!r} in --compare; choose from {', '.join(SYSTEMS[1:])}")
     if prompt < 1 or new_tokens < 2 or repeat < 1 or not batches or min(batches) < 1:
         raise UsageError("--prompt >= 1, --new-tokens >= 2, --repeat >= 1 and batches >= 1 are required")
+    if "llama.cpp" in compare and gguf is None:
+        raise UsageError("--compare llama.cpp needs --gguf FILE, a GGUF of the same checkpoint (the README's speed "
+                         "section shows how to convert one)")
+    threads = threads or cores()
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
     if prompt + new_tokens > manifest.max_context:
         raise UsageError(f"--prompt + --new-tokens exceeds the artifact's context of {manifest.max_context}")
     source = manifest.data.get("source")
@@ -248,7 +336,9 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         before = _rss_mb()
         try:
             if name == "neodeploy":
-                runners[name] = NeodeployRunner(artifact, new_tokens=new_tokens)
+                runners[name] = NeodeployRunner(artifact, new_tokens=new_tokens, threads=threads)
+            elif name == "llama.cpp":
+                runners[name] = LlamaCppRunner(Path(gguf), prompt + new_tokens, threads)
             elif not checkpoint.is_dir():
                 raise FileNotFoundError(f"checkpoint {checkpoint} not found (pass --checkpoint)")
             elif name == "reference":
@@ -262,21 +352,29 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
             echo(f"skipping {name}: {str(exc).splitlines()[0]}")
             continue
         memory[name] = _rss_mb() - before
-    bandwidth = copy_bandwidth_gbs()
-    per_token = weight_bytes_per_token(artifact, manifest)
-    floor_ms = per_token / (bandwidth * 1e9) * 1e3
+        runner = runners[name]
+        if not runner.bytes_per_token:
+            runner.bytes_per_token = (weight_bytes_per_token(artifact, manifest) if name == "neodeploy"
+                                      else checkpoint_bytes_per_token(manifest.spec))
+    bandwidth = read_bandwidth_gbs()
+    per_token = runners["neodeploy"].bytes_per_token
+    roof_ms = per_token / (bandwidth * 1e9) * 1e3
     rng = np.random.default_rng(0)
     vocab = manifest.spec.vocab_size
     results: list[Result] = []
     for batch in batches:
         ids = rng.integers(0, vocab, size=(batch, prompt), dtype=np.int64)
-        batch_results = {name: Result(name, batch, memory_mb=memory[name]) for name in runners}
-        for runner in runners.values():  # warm-up
+        running = {n: r for n, r in runners.items() if r.max_batch is None or batch <= r.max_batch}
+        for name in runners.keys() - running.keys():
+            skipped.append({"system": name, "reason": f"batch {batch}: runs batch {runners[name].max_batch} only"})
+        batch_results = {name: Result(name, batch, memory_mb=memory[name], bytes_per_token=r.bytes_per_token)
+                         for name, r in running.items()}
+        for runner in running.values():  # warm-up
             _run_once(runner, ids, min(new_tokens, 4))
-        order = list(runners)
+        order = list(running)
         for r in range(repeat):
             for name in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
-                prefill_ms, decode_ms = _run_once(runners[name], ids, new_tokens)
+                prefill_ms, decode_ms = _run_once(running[name], ids, new_tokens)
                 batch_results[name].prefill_ms.append(prefill_ms)
                 batch_results[name].decode_ms.append(decode_ms)
             echo(f"  batch {batch}: repeat {r + 1}/{repeat} done")
@@ -285,7 +383,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         getattr(getattr(runner, "backend", None), "close", lambda: None)()
     runners.clear()
     scratch.cleanup()
-    summaries = [r.summary(new_tokens, floor_ms) for r in results]
+    summaries = [r.summary(new_tokens, bandwidth) for r in results]
     ratios = {}
     for batch in batches:
         by = {s["system"]: s for s in summaries if s["batch"] == batch}
@@ -300,25 +398,28 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         "artifact": str(artifact), "checkpoint": str(checkpoint), "precision": manifest.precision,
         "model": {"family": manifest.spec.family, "layers": manifest.spec.num_layers,
                   "hidden": manifest.spec.hidden_size},
-        "config": {"batches": list(batches), "prompt": prompt, "new_tokens": new_tokens, "repeat": repeat},
-        "machine": {"copy_bandwidth_gbs": bandwidth, "cpu_count": __import__("os").cpu_count()},
-        "weights": {"bytes_per_token": per_token, "floor_ms_per_token": floor_ms},
+        "config": {"batches": list(batches), "prompt": prompt, "new_tokens": new_tokens, "repeat": repeat,
+                   "threads": threads},
+        "machine": {"read_bandwidth_gbs": bandwidth, "cpu_count": cores()},
+        "weights": {"bytes_per_token": per_token, "roof_ms_per_token": roof_ms},
         "results": summaries, "ratios_vs_peers": ratios, "skipped": skipped,
     }
 
 
 def table(report: dict) -> str:
-    lines = [f"{'system':<13} {'batch':>5} {'prefill ms':>18} {'decode ms/token':>20} {'tok/s':>8} {'x floor':>8} {'mem MB':>8}"]
+    lines = [f"{'system':<13} {'batch':>5} {'prefill ms':>18} {'decode ms/token':>20} {'tok/s':>8} {'x roof':>8} "
+             f"{'MB/token':>8} {'mem MB':>8}"]
     for s in report["results"]:
         p, d = s["prefill_ms"], s["decode_ms_per_token"]
         lines.append(f"{s['system']:<13} {s['batch']:>5} {p['median']:>8.1f} [{p['min']:.0f}-{p['max']:.0f}]".ljust(38)
                      + f" {d['median']:>8.2f} [{d['min']:.1f}-{d['max']:.1f}]".ljust(21)
                      + f" {s['tokens_per_s']:>8.1f} "
-                     + (f"{s['decode_x_floor']:>8.2f}" if s["decode_x_floor"] else f"{'n/a':>8}")
-                     + f" {s['memory_mb']:>8.0f}")
+                     + (f"{s['decode_x_roof']:>8.2f}" if s["decode_x_roof"] else f"{'n/a':>8}")
+                     + f" {s['weight_bytes_per_token'] / 1e6:>8.0f} {s['memory_mb']:>8.0f}")
     w = report["weights"]
-    lines.append(f"weights read per token {w['bytes_per_token'] / 1e6:.0f} MB at {report['machine']['copy_bandwidth_gbs']:.1f} GB/s "
-                 f"copy bandwidth: floor {w['floor_ms_per_token']:.1f} ms/token")
+    lines.append(f"read bandwidth {report['machine']['read_bandwidth_gbs']:.1f} GB/s (read-only kernel, "
+                 f"{report['config']['threads']} threads); roof = weight bytes read per token / bandwidth: ours "
+                 f"{w['bytes_per_token'] / 1e6:.0f} MB, {w['roof_ms_per_token']:.1f} ms/token")
     for peer, by_batch in report["ratios_vs_peers"].items():
         for batch, r in by_batch.items():
             lines.append(f"neodeploy vs {peer}, batch {batch}: decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x")
@@ -346,8 +447,8 @@ def plot(report: dict, path: Path) -> None:
             med = [r[key]["median"] for r in rows]
             err = [[m - r[key]["min"] for m, r in zip(med, rows)], [r[key]["max"] - m for m, r in zip(med, rows)]]
             ax.bar(x, med, width, yerr=err, capsize=3, label=system)
-    floor = report["weights"]["floor_ms_per_token"]
-    axes[0].axhline(floor, color="black", linestyle="--", linewidth=1, label=f"bandwidth floor ({floor:.1f} ms)")
+    floor = report["weights"]["roof_ms_per_token"]
+    axes[0].axhline(floor, color="black", linestyle="--", linewidth=1, label=f"our memory roof ({floor:.1f} ms)")
     for ax, title in zip(axes, ("decode ms / token (lower is better)", "prefill ms (lower is better)")):
         ax.set_xticks(np.arange(len(batches)) + width * (len(systems) - 1) / 2, [f"batch {b}" for b in batches])
         ax.set_title(title)

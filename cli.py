@@ -415,7 +415,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     compare = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else None
     report = bench(args.artifact, checkpoint=args.checkpoint, compare=compare, batches=_int_list(args.batch),
-                   prompt=args.prompt, new_tokens=args.new_tokens, repeat=args.repeat)
+                   prompt=args.prompt, new_tokens=args.new_tokens, repeat=args.repeat, gguf=args.gguf,
+                   threads=args.threads)
     print(table(report))
     if args.json:
         write_json(Path(args.json), report)
@@ -708,7 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill / decode speed of the runtime against its peers, in one run")
     p.add_argument("artifact")
     p.add_argument("--checkpoint", help="checkpoint for the peers (default: the one the artifact was exported from)")
-    p.add_argument("--compare", default=None, help="comma-separated peers: reference,transformers,optimum (default: all)")
+    p.add_argument("--compare", default=None, help="comma-separated peers: reference, transformers, optimum, llama.cpp "
+                   "(default: reference,transformers,optimum)")
+    p.add_argument("--gguf", help="GGUF file of the same checkpoint, for --compare llama.cpp")
+    p.add_argument("--threads", type=int, help="threads for neodeploy and llama.cpp alike (default: the cores "
+                   "this process may use)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens (default 64)")

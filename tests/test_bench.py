@@ -36,16 +36,18 @@ def test_bench_report_schema_and_skips(pair, monkeypatch, tmp_path):
         for key in ("prefill_ms", "decode_ms_per_token"):
             assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["decode_ms_per_token"]["median"])
-        assert r["decode_x_floor"] > 0
+        assert r["decode_x_roof"] > 0 and r["roof_ms_per_token"] > 0
     assert set(report["ratios_vs_peers"]) == {"reference", "transformers"}
     assert set(report["ratios_vs_peers"]["reference"]) == {"1", "2"}
-    assert report["machine"]["copy_bandwidth_gbs"] > 0.1
+    assert report["machine"]["read_bandwidth_gbs"] > 0.1
     from neodeploy.reference import ModelSpec
 
     # Every fp32 parameter but the input embedding (a Gather reads one row per token), from the spec alone.
     spec = ModelSpec.from_dict(json.loads((art / "neodeploy.json").read_text())["spec"])
     expected = (spec.num_parameters() - spec.vocab_size * spec.hidden_size) * 4
     assert report["weights"]["bytes_per_token"] == pytest.approx(expected, rel=0.01)
+    peers = {r["system"]: r["weight_bytes_per_token"] for r in report["results"] if r["batch"] == 1}
+    assert peers["reference"] == peers["transformers"] == bench_module.checkpoint_bytes_per_token(spec) == expected
     bench_module.plot(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = bench_module.table(report)
@@ -59,9 +61,77 @@ def test_bench_cli_writes_json_and_refuses_bad_arguments(pair, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "b.json").read_text())["config"] == {"batches": [1], "prompt": 8, "new_tokens": 3,
-                                                                       "repeat": 1}
+                                                                       "repeat": 1, "threads": bench_module.cores()}
     for kwargs, message in ((dict(compare=["vllm"]), "unknown system 'vllm'"),
                             (dict(prompt=200), "exceeds the artifact's context"),
                             (dict(new_tokens=1), "--new-tokens >= 2")):
         with pytest.raises(UsageError, match=message):
             bench_module.bench(art, echo=lambda s: None, **kwargs)
+
+
+def test_llama_cpp_peer_runs_batch_one_in_the_alternation_and_skips_cleanly(pair, tmp_path, monkeypatch):
+    """llama.cpp's side is llama-cpp-python's high-level API (reset / eval / scores / n_tokens); a stand-in with
+    that API and the reference's logits checks the runner, the batch-1 limit and the per-row roof without the
+    20-minute build. Without the package, the row is skipped with the reason."""
+    import types
+
+    import numpy as np
+
+    from neodeploy import bench as bench_module
+    from neodeploy.errors import UsageError
+
+    ckpt, art = pair
+    with pytest.raises(UsageError, match="--gguf"):
+        bench_module.bench(art, compare=["llama.cpp"], prompt=8, new_tokens=3, repeat=1, echo=lambda s: None)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1000))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
+    report = bench_module.bench(art, compare=["llama.cpp"], gguf=gguf, prompt=8, new_tokens=3, repeat=1,
+                                echo=lambda s: None)
+    assert report["skipped"][0]["system"] == "llama.cpp" and "llama-cpp-python is not installed" in report["skipped"][0]["reason"]
+
+    from neodeploy.reference import load_checkpoint
+
+    reference = load_checkpoint(ckpt)
+    calls = []
+
+    class Llama:
+        def __init__(self, model_path, n_ctx, n_batch, n_threads, n_threads_batch, logits_all, verbose):
+            calls.append(("init", n_ctx, n_threads))
+            self.n_tokens, self.ids = 0, []
+            self.scores = np.zeros((n_batch, reference.spec.vocab_size), np.float32)
+
+        def reset(self):
+            self.n_tokens, self.ids = 0, []
+
+        def eval(self, tokens):
+            import torch
+
+            assert all(isinstance(t, int) for t in tokens)
+            self.ids += tokens
+            with torch.inference_mode():
+                logits = reference(torch.tensor([self.ids]))[0][0, -1].numpy()
+            self.n_tokens = len(self.ids)
+            self.scores[self.n_tokens - 1] = logits
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
+    monkeypatch.setattr(bench_module, "gguf_bytes_per_token", lambda path: 123_000_000)
+    report = bench_module.bench(art, compare=["llama.cpp"], gguf=gguf, batches=[1, 2], prompt=8, new_tokens=3,
+                                repeat=1, threads=2, echo=lambda s: None)
+    assert calls[0] == ("init", 11, 2)  # context prompt + new tokens, the same thread count as ours
+    rows = {(r["system"], r["batch"]): r for r in report["results"]}
+    assert set(rows) == {("neodeploy", 1), ("neodeploy", 2), ("llama.cpp", 1)}
+    assert {"system": "llama.cpp", "reason": "batch 2: runs batch 1 only"} in report["skipped"]
+    assert rows[("llama.cpp", 1)]["weight_bytes_per_token"] == 123_000_000
+    roof = 123_000_000 / (report["machine"]["read_bandwidth_gbs"] * 1e9) * 1e3
+    assert rows[("llama.cpp", 1)]["roof_ms_per_token"] == pytest.approx(roof)
+    assert "llama.cpp" in report["ratios_vs_peers"] and "1" in report["ratios_vs_peers"]["llama.cpp"]
+    # Its greedy tokens are the reference's (the stand-in computes them): the runner reads the last row.
+    runner = bench_module.LlamaCppRunner(gguf, 11, 2)
+    ids = np.array([[5, 17, 33, 2, 9, 11, 4, 8]])
+    runner.prefill(ids)
+    first = runner.token
+    runner.step()
+    from neodeploy.reference.generate import greedy_generate
+
+    assert [first, runner.token] == greedy_generate(reference, ids[0].tolist(), 2).output_ids
