@@ -46,16 +46,17 @@ def cores() -> int:
 
 
 def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeat: int = 5) -> float:
-    """Bytes read per second by a read-only kernel: a sum over arrays far larger than the caches, one thread
-    per core at once (numpy releases the GIL in reductions), as decode's threads read the weights; best of a few.
-    A copy would write as much as it reads and understate the roof."""
+    """Bytes read per second by a read-only kernel: an OR-reduction over 64-bit words of arrays far larger than
+    the caches (one cheap op per 8 bytes, so memory, not arithmetic, limits it; a float sum measured ~25 % lower
+    here), one thread per core at once (numpy releases the GIL in reductions), as decode's threads read the
+    weights; best of a few. A copy would write as much as it reads and understate the roof."""
     import concurrent.futures
 
     workers = cores()
-    arrays = [np.ones(nbytes // 4 // workers, np.float32) for _ in range(workers)]
+    arrays = [np.ones(nbytes // 8 // workers, np.uint64) for _ in range(workers)]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         def read_all():
-            list(pool.map(np.sum, arrays))
+            list(pool.map(np.bitwise_or.reduce, arrays))
 
         read_all()
         best = min(_timed(read_all) for _ in range(repeat))
@@ -351,7 +352,8 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
             skipped.append({"system": name, "reason": str(exc).splitlines()[0]})
             echo(f"skipping {name}: {str(exc).splitlines()[0]}")
             continue
-        memory[name] = _rss_mb() - before
+        grown = _rss_mb() - before  # RSS growth while it loaded; a collection of earlier garbage can undercut it
+        memory[name] = grown if grown > 0 else float("nan")
         runner = runners[name]
         if not runner.bytes_per_token:
             runner.bytes_per_token = (weight_bytes_per_token(artifact, manifest) if name == "neodeploy"
@@ -374,6 +376,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         order = list(running)
         for r in range(repeat):
             for name in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
+                time.sleep(0.05)  # let the previous system's spinning worker threads go idle first
                 prefill_ms, decode_ms = _run_once(running[name], ids, new_tokens)
                 batch_results[name].prefill_ms.append(prefill_ms)
                 batch_results[name].decode_ms.append(decode_ms)
