@@ -60,7 +60,8 @@ def is_write_failure(exc: BaseException) -> bool:
     """A full, read-only or failing disk (numpy and safetensors say so in words, without an errno), not a bug."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno in WRITE_ERRORS
-    return any(word in str(exc).lower() for word in ("space", "disk full", "quota", "read-only", "i/o error"))
+    return any(word in str(exc).lower() for word in ("space", "disk full", "quota", "read-only", "i/o error",
+                                                      "problem writing"))  # numpy's tofile on a full disk
 
 
 def write_failed(exc: Exception, where: Path, error: type[Exception], need_bytes: int | None = None) -> Exception:

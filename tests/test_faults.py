@@ -228,9 +228,12 @@ def test_kill_or_ctrl_c_during_trace_or_verify_keeps_the_old_artifact(world, tmp
     original = snapshot(out)
     for stage in ("trace", "verify"):
         for sig in (signal.SIGKILL, signal.SIGINT):
+            # A shell's background job (as CI may start the suite) inherits SIGINT ignored; a terminal's Ctrl-C
+            # reaches a process whose SIGINT is the default, so give the export that.
             proc = subprocess.Popen([*CLI, "export", str(world / "ckpt"), str(out), "--overwrite"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                    env={**os.environ, "NEODEPLOY_QUIET": "1"})
+                                    env={**os.environ, "NEODEPLOY_QUIET": "1"},
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             deadline, seen = time.monotonic() + 120, False
             while time.monotonic() < deadline:  # the stage lines are printed as each stage starts
                 line = proc.stdout.readline()
