@@ -444,8 +444,11 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(systems)
     for k, system in enumerate(systems):
-        rows = [next(s for s in report["results"] if s["system"] == system and s["batch"] == b) for b in batches]
-        x = np.arange(len(batches)) + k * width
+        # A system may lack a batch (llama.cpp runs batch 1 only): it gets no bar there.
+        found = [(i, next((s for s in report["results"] if s["system"] == system and s["batch"] == b), None))
+                 for i, b in enumerate(batches)]
+        rows = [r for _, r in found if r is not None]
+        x = np.array([i for i, r in found if r is not None]) + k * width
         for ax, key in zip(axes, ("decode_ms_per_token", "prefill_ms")):
             med = [r[key]["median"] for r in rows]
             err = [[m - r[key]["min"] for m, r in zip(med, rows)], [r[key]["max"] - m for m, r in zip(med, rows)]]

@@ -126,6 +126,8 @@ def test_llama_cpp_peer_runs_batch_one_in_the_alternation_and_skips_cleanly(pair
     roof = 123_000_000 / (report["machine"]["read_bandwidth_gbs"] * 1e9) * 1e3
     assert rows[("llama.cpp", 1)]["roof_ms_per_token"] == pytest.approx(roof)
     assert "llama.cpp" in report["ratios_vs_peers"] and "1" in report["ratios_vs_peers"]["llama.cpp"]
+    bench_module.plot(report, tmp_path / "three.png")  # llama.cpp has no batch-2 bar
+    assert (tmp_path / "three.png").read_bytes()[:4] == b"\x89PNG"
     # Its greedy tokens are the reference's (the stand-in computes them): the runner reads the last row.
     runner = bench_module.LlamaCppRunner(gguf, 11, 2)
     ids = np.array([[5, 17, 33, 2, 9, 11, 4, 8]])
