@@ -319,9 +319,9 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     if "llama.cpp" in compare and gguf is None:
         raise UsageError("--compare llama.cpp needs --gguf FILE, a GGUF of the same checkpoint (the README's speed "
                          "section shows how to convert one)")
-    threads = threads or cores()
-    if threads < 1:
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    threads = threads or cores()
     if prompt + new_tokens > manifest.max_context:
         raise UsageError(f"--prompt + --new-tokens exceeds the artifact's context of {manifest.max_context}")
     source = manifest.data.get("source")

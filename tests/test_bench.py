@@ -64,7 +64,8 @@ def test_bench_cli_writes_json_and_refuses_bad_arguments(pair, tmp_path):
                                                                        "repeat": 1, "threads": bench_module.cores()}
     for kwargs, message in ((dict(compare=["vllm"]), "unknown system 'vllm'"),
                             (dict(prompt=200), "exceeds the artifact's context"),
-                            (dict(new_tokens=1), "--new-tokens >= 2")):
+                            (dict(new_tokens=1), "--new-tokens >= 2"),
+                            (dict(threads=0), "--threads must be at least 1")):
         with pytest.raises(UsageError, match=message):
             bench_module.bench(art, echo=lambda s: None, **kwargs)
 
