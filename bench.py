@@ -328,6 +328,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     if checkpoint is None and not (isinstance(source, dict) and isinstance(source.get("checkpoint"), str)):
         raise UsageError(f"{artifact}'s manifest does not say which checkpoint it came from; pass --checkpoint")
     checkpoint = Path(checkpoint or source["checkpoint"])
+    per_token = weight_bytes_per_token(artifact, manifest)  # ours, from the graph
     skipped: list[dict] = []
     runners: dict[str, Runner] = {}
     memory: dict[str, float] = {}
@@ -355,11 +356,9 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         grown = _rss_mb() - before  # RSS growth while it loaded; a collection of earlier garbage can undercut it
         memory[name] = grown if grown > 0 else float("nan")
         runner = runners[name]
-        if not runner.bytes_per_token:
-            runner.bytes_per_token = (weight_bytes_per_token(artifact, manifest) if name == "neodeploy"
-                                      else checkpoint_bytes_per_token(manifest.spec))
+        if not runner.bytes_per_token:  # llama.cpp's comes from its GGUF
+            runner.bytes_per_token = per_token if name == "neodeploy" else checkpoint_bytes_per_token(manifest.spec)
     bandwidth = read_bandwidth_gbs()
-    per_token = runners["neodeploy"].bytes_per_token
     roof_ms = per_token / (bandwidth * 1e9) * 1e3
     rng = np.random.default_rng(0)
     vocab = manifest.spec.vocab_size

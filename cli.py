@@ -14,7 +14,6 @@ from neodeploy.errors import NeodeployError, UsageError
 from neodeploy.export import memory as export_memory
 from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
 
-DEFAULT_PRESET = "pythia-14m"
 # Which extra brings which top-level module (pyproject.toml's optional dependencies).
 EXTRAS = {
     "export": ("torch", "onnx", "onnxscript", "onnxslim", "safetensors", "onnx_ir"),
@@ -467,7 +466,7 @@ def _train_demo_model(checkpoint: Path, seconds: float, steps: int) -> dict:
     from neodeploy.runtime.tokenizer import Tokenizer, write_tokenizer_files
 
     spec = training.byte_model_spec()
-    tmp = make_temp_dir(checkpoint)
+    tmp = make_temp_dir(checkpoint, UsageError)
     try:
         write_tokenizer_files(tmp, spec, None)
         tokenizer = Tokenizer.from_dir(tmp)

@@ -74,15 +74,18 @@ def write_failed(exc: Exception, where: Path, error: type[Exception], need_bytes
                  f"(nothing was published{kept})")
 
 
-def make_temp_dir(final: Path) -> Path:
+def make_temp_dir(final: Path, error: type[Exception]) -> Path:
     """A work folder beside `final` (same filesystem, so publishing is one rename), with the permissions a
     plain mkdir would give rather than mkdtemp's private 0700. Its name carries this process's pid, and folders
     that an earlier run into the same place left behind (its process no longer exists: killed, power cut) are
-    removed first."""
+    removed first. A folder that cannot be made there is `error`, in one line."""
     parent = final.resolve().parent
     recover_interrupted(parent / final.name)
     remove_stale_temp_dirs(parent, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise error(f"cannot write to {parent} ({os_reason(exc)}); choose a writable destination") from exc
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
@@ -127,12 +130,16 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _owner_gone(pid: str) -> bool:
+    """The process that named a leftover folder no longer exists (only where /proc tells)."""
+    return pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists()
+
+
 def recover_interrupted(out: Path) -> None:
     """Undo what a publish killed between its two renames left: the old folder, renamed aside, goes back to `out`
     if nothing took its place; if the new one did get in, the old one is removed."""
     for old in out.parent.glob(f".{out.name}.old-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists() or not Path("/proc/self").exists():
+        if not _owner_gone(old.name.rsplit("-", 1)[-1]):
             continue
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -153,8 +160,7 @@ def link_files(src: Path, dest: Path, skip: set[str]) -> None:
 
 def remove_stale_temp_dirs(parent: Path, name: str) -> None:
     for path in parent.glob(f".{name}.*.tmp"):
-        pid = path.name[len(name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and Path("/proc/self").exists():
+        if _owner_gone(path.name[len(name) + 2 :].split(".", 1)[0]):
             shutil.rmtree(path, ignore_errors=True)
 
 

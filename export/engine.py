@@ -127,10 +127,7 @@ def publish_engine(manifest: Manifest, host_memory, engine: dict, echo: Callable
     hard-linked, not copied) and publish it as export does: the artifact is never half-updated, and an old engine
     stays valid until the new one is in."""
     artifact = manifest.folder
-    try:
-        tmp = make_temp_dir(artifact)
-    except OSError as exc:
-        raise ArtifactError(f"cannot write beside {artifact} ({exc.strerror}); build-engine needs a writable folder") from exc
+    tmp = make_temp_dir(artifact, ArtifactError)
     try:
         link_files(artifact, tmp, skip={ENGINE, MANIFEST})
         size, digest = _write_engine(host_memory, tmp / ENGINE)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import onnx
 
-from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, op_counts
+from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, op_counts, working_folder
 
 FUSED = ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "Attention", "MultiHeadAttention",
          "GroupQueryAttention", "RotaryEmbedding")
@@ -22,15 +21,14 @@ def fuse(path: Path, spec) -> dict:
 
     The weights never enter memory: the optimizer gets the graph with its large initializers still external
     (pointing into model.onnx.data, which is not rewritten), and its Python fusions match on structure and the
-    small constants stored inline. Run it in a child process (graph.in_subprocess): it changes the working
-    folder, so that a fusion that does read a weight finds the data file beside the graph and reads only it."""
+    small constants stored inline. The working folder is the graph's while it runs, so that a fusion that does
+    read a weight finds the data file beside the graph and reads only that weight."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     model = onnx.load(str(path), load_external_data=False)
     contract = list_inputs(model)
-    os.chdir(path.parent)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), working_folder(path.parent):
         # GPT-NeoX maps to onnxruntime's BERT fusions and GPT-Neo to GPT-2's; the patterns they match here are
         # the same (SkipLayerNorm, BiasGelu), attention is not fused by either.
         optimized = optimize_model(model, model_type="gpt2" if spec.family == "gpt_neo" else "bert",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from collections import Counter
-import os
 from pathlib import Path
 
 import onnx
@@ -139,6 +139,18 @@ def die_with_parent() -> None:
         pass
     if os.getppid() == 1:  # the parent died before the request took effect
         os._exit(1)
+
+
+@contextlib.contextmanager
+def working_folder(folder: Path):
+    """chdir for a stage whose tool resolves external weights against the working folder (contextlib.chdir,
+    which Python 3.10 lacks)."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def in_subprocess(fn, *args):
@@ -302,17 +314,12 @@ def restore_inputs(model: onnx.ModelProto, contract: list[onnx.ValueInfoProto]) 
     model.graph.input.extend(contract)
 
 
-def finish_rewrite(path: Path, contract: list[onnx.ValueInfoProto], data_location: str | None = None) -> onnx.ModelProto:
-    """After a tool rewrote model.onnx in place: the contract's inputs back, our IR version, and (when the tool
-    named its weight file itself) the weights pointed at data_location. Returns the graph, without weights."""
+def finish_rewrite(path: Path, contract: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """After a tool rewrote model.onnx in place: the contract's inputs back and our IR version. Returns the
+    graph, without weights."""
     model = onnx.load(str(path), load_external_data=False)
     restore_inputs(model, contract)
     model.ir_version = min(model.ir_version, IR_VERSION)
-    if data_location is not None:
-        for tensor in model.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = data_location
     onnx.save_model(model, str(path))
     return model
 

@@ -44,6 +44,7 @@ def check(spec, max_memory: int | None, error: type[Exception]) -> None:
     want, have = need(spec), max_memory if max_memory is not None else available()
     if have is not None and want > have:
         source = "--max-memory" if max_memory is not None else "available memory"
-        raise error(f"this export needs about {want / 1e9:.1f} GB of memory (1.5 x the {4 * spec.num_parameters() / 1e9:.1f} "
-                    f"GB of fp32 weights + 1.5 GB) but {source} is {have / 1e9:.1f} GB; free memory, use a larger "
+        raise error(f"this export needs about {want / 1e9:.1f} GB of memory ({NEED_FACTOR:g} x the "
+                    f"{4 * spec.num_parameters() / 1e9:.1f} GB of fp32 weights + {NEED_BASE / 1e9:g} GB) but {source} "
+                    f"is {have / 1e9:.1f} GB; free memory, use a larger "
                     "machine, or pass --max-memory SIZE (e.g. 32GB) to try anyway")

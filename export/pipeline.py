@@ -135,10 +135,7 @@ def export(
     in_place = cpu and precision == "fp32"
     progress = Progress(6 + bool(quantize) + cpu, echo)
     gate = quantize or precision  # the verification tolerance that applies
-    try:
-        tmp = make_temp_dir(out_dir)
-    except OSError as exc:
-        raise ExportError(f"cannot write to {out_dir.resolve().parent} ({exc.strerror}); choose a writable destination") from exc
+    tmp = make_temp_dir(out_dir, ExportError)
     try:
         with progress.stage("reference", f"{checkpoint} ({spec.family}, {spec.num_layers} layers): fp32 greedy on golden prompts"):
             tokenizer = _tokenizer_or_none(checkpoint)

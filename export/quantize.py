@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import onnx
 
 from neodeploy.errors import UsageError
-from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, set_aside
+from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, set_aside, working_folder
 
 METHODS = ("int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
@@ -91,16 +90,6 @@ def _weights_on_demand(folder: Path):
         numpy_helper.to_array, onnx_quantizer.save_and_reload_model_with_shape_infer = original, reload
 
 
-@contextlib.contextmanager
-def _working_folder(folder: Path):  # contextlib.chdir, which Python 3.10 lacks
-    before = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def _save_with_remaining_weights(model: onnx.ModelProto, source: Path, path: Path) -> None:
     """Weights the quantiser left alone (embeddings, norms) are still external, in the set-aside fp32 data file:
     read them (a small share of the model) and write the whole graph to one new data file beside `path`."""
@@ -132,7 +121,7 @@ def quantize(path: Path, method: str, block_size: int = 32) -> dict:
         _fold_weight_transposes(source)
         model = onnx.load(str(source), load_external_data=False)
         # The int4 quantiser reads external weights relative to the working folder.
-        with contextlib.redirect_stdout(quiet), _weights_on_demand(source.parent), _working_folder(source.parent):
+        with contextlib.redirect_stdout(quiet), _weights_on_demand(source.parent), working_folder(source.parent):
             if method == "int8":
                 from onnxruntime.quantization import QuantizationMode, QuantType
                 from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer

@@ -214,7 +214,7 @@ def make_checkpoint(
     if file_format not in ("safetensors", "bin"):
         raise UsageError(f"file format {file_format!r} is not one of safetensors, bin")
     check_destination(out, overwrite, UsageError)
-    tmp = make_temp_dir(out)
+    tmp = make_temp_dir(out, UsageError)
     try:
         with torch.device("meta"):
             model = build_model(spec)

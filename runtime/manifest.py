@@ -26,6 +26,7 @@ FORMAT_VERSION = 2
 READS = (1, 2)
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8", "int4")
+_NOT_FIELDS = ("format", "format_version", "files", "precision")  # the writer sets these (precision: version 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,7 @@ class Manifest:
 
     def fields(self) -> dict[str, Any]:
         """The manifest's content in this version's spelling, for write_manifest to write an updated copy."""
-        skip = ("format", "format_version", "files", "precision")
-        fields = {k: v for k, v in self.data.items() if k not in skip}
+        fields = {k: v for k, v in self.data.items() if k not in _NOT_FIELDS}
         fields["dtype"] = self.dtype
         if self.quantization:
             fields["quantization"] = self.quantization
@@ -194,7 +194,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def write_manifest(folder: Path, fields: dict[str, Any], files: dict[str, str] | None = None) -> Manifest:
     """The one writer. `files` defaults to hashing every file in the folder; the manifest is validated as the
     reader validates it before anything is written, and replaces the old one in one rename."""
-    fields = {k: v for k, v in fields.items() if k not in ("format", "format_version", "files", "precision")}
+    fields = {k: v for k, v in fields.items() if k not in _NOT_FIELDS}
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, **fields,
             "files": file_hashes(folder) if files is None else files}
     manifest = Manifest.from_dict(data, folder)

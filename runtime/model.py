@@ -81,8 +81,8 @@ class Model:
             except TypeError as exc:
                 raise UsageError("a prompt must be a string or a list of integer token ids") from exc
             # Refused, not truncated: 3.7 or True is no token id.
-            if not all(isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_)) for t in ids):
-                bad = next(t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)))
+            bad = next((t for t in ids if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_))), None)
+            if bad is not None:
                 raise UsageError(f"token ids must be integers, got {bad!r}")
             ids = [int(t) for t in ids]
         if not ids:
@@ -189,8 +189,10 @@ def load(artifact_dir: str | Path, backend: str | None = None, providers: list[s
     tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.files]
     for name in (manifest.onnx.file, manifest.onnx.external_data):
         artifact_path(artifact, name)  # confined to the folder even with verify=False
-    if verify:
-        verify_files(manifest)  # every listed file, not only the ones this call reads
+    if verify:  # every listed file, not only the ones this call reads; the TensorRT backend hashes its engine as
+        # it reads it (read_verified), so it is not read a second time here
+        engine = (manifest.engine or {}).get("file") if backend in ("tensorrt", "trt") else None
+        verify_files(manifest, [n for n in manifest.files if n != engine])
     tokenizer = Tokenizer.from_dir(artifact) if tokenizer_files else None
     return Model(artifact, manifest, create_backend(backend, artifact, manifest, providers, threads), tokenizer)
 

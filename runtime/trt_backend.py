@@ -27,7 +27,6 @@ import numpy as np
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.runtime.manifest import Manifest, read_verified
 
-KV_BYTES = 2  # fp16 cache: engines are built from fp16 exports
 
 
 def cuda_runtime():
@@ -140,7 +139,7 @@ class TensorRTBackend:
                 raise ArtifactError(f"TensorRT could not select optimisation profile {index} of {info['file']} "
                                     f"({exc}); rebuild it: {rebuild}") from exc
         self.lock = threading.Lock()
-        cache_bytes = self.max_batch * self.heads * self.max_context * self.head_dim * KV_BYTES
+        cache_bytes = self.max_batch * self.heads * self.max_context * self.head_dim * manifest.kv_bytes
         # Two full sets (ping-pong) of per-layer key and value buffers.
         self.kv = [[cuda.DeviceArray.raw((cache_bytes,)) for _ in range(2 * self.layers)] for _ in range(2)]
         self.inputs = {name: cuda.DeviceArray.raw((self.max_batch * self.max_context * 8,))
@@ -196,11 +195,8 @@ class TensorRTBackend:
             raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
         row = self.vocab * 4
         copy = self.cuda.wrapper().memcpy
-        if all_positions:
-            if self.last_only:
-                raise UsageError("this engine's graph returns last-position logits only (--logits last); score() "
-                                 "needs an export with all positions")
-            if self.host_all is None or self.host_all.size < batch * seq * self.vocab:
+        if all_positions:  # score(), which refuses a last-position graph
+            if self.host_all is None:
                 self.host_all = np.empty(self.max_batch * self.max_prompt * self.vocab, np.float32)
             copy(self.host_all.ctypes.data, self.logits.ptr, batch * seq * row, self.cuda.MemcpyKind.DeviceToHost,
                  self.stream.ptr)

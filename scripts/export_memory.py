@@ -24,7 +24,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def tree_rss(root: int) -> int:
     """Resident bytes of `root` and every descendant (children of children included)."""
-    parents: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -32,26 +32,24 @@ def tree_rss(root: int) -> int:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            parents[int(entry)] = int(fields[1])
+            children.setdefault(int(fields[1]), []).append(int(entry))
             rss[int(entry)] = int(fields[21]) * PAGE
         except (OSError, ValueError, IndexError):
             pass
     total, todo = 0, [root]
-    seen = set()
     while todo:
         pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
         total += rss.get(pid, 0)
-        todo.extend(child for child, parent in parents.items() if parent == pid)
+        todo.extend(children.get(pid, []))
     return total
 
 
 def measure(argv: list[str], interval: float = 0.1, env: dict | None = None) -> dict:
     """Run a neodeploy command; return its exit status, wall time, tree peak and per-stage peaks (bytes)."""
+    # stderr goes to a file: a pipe read only at exit could fill (tracer warnings) and block the export.
+    errors = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "neodeploy", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "NEODEPLOY_QUIET": "1", **(env or {})})
+                            stderr=errors, text=True, env={**os.environ, "NEODEPLOY_QUIET": "1", **(env or {})})
     stage = ["start"]
     peaks: dict[str, int] = {}
     lines: list[str] = []
@@ -70,15 +68,9 @@ def measure(argv: list[str], interval: float = 0.1, env: dict | None = None) -> 
         peaks[stage[0]] = max(peaks.get(stage[0], 0), now)
         time.sleep(interval)
     reader.join(timeout=5)
+    errors.seek(0)
     return {"rc": proc.returncode, "seconds": time.perf_counter() - start, "peak": max(peaks.values(), default=0),
-            "stages": peaks, "stderr": proc.stderr.read(), "stdout": "".join(lines)}
-
-
-def weight_bytes(checkpoint: Path) -> int:
-    """fp32 bytes of the checkpoint's parameters (the yardstick the bound is written in)."""
-    from neodeploy.reference.spec import load_spec
-
-    return 4 * load_spec(checkpoint).num_parameters()
+            "stages": peaks, "stderr": errors.read(), "stdout": "".join(lines)}
 
 
 def main() -> int:
@@ -90,13 +82,16 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=0.1)
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = p.parse_args()
-    weights = weight_bytes(args.checkpoint)
+    from neodeploy.export import memory
+    from neodeploy.reference.spec import load_spec
+
+    spec = load_spec(args.checkpoint)
+    weights, bound = 4 * spec.num_parameters(), memory.need(spec)  # fp32 weight bytes: what the bound is written in
     with tempfile.TemporaryDirectory(dir=args.checkpoint.resolve().parent, prefix=".export-memory-") as tmp:
         argv = ["export", str(args.checkpoint), str(Path(tmp) / "art"), "--target", args.target,
                 "--precision", args.precision, *(["--quantize", args.quantize] if args.quantize else []),
                 "--no-reference-cache"]
         result = measure(argv, args.interval)
-    bound = 1.5 * weights + 1.5e9
     what = f"{args.target} {args.quantize or args.precision}"
     if args.json:
         print(json.dumps({"export": what, "weights": weights, "bound": bound,
