@@ -7,6 +7,9 @@ when the caller binds present.N.key to the same buffer as past_key_values.N.key 
 the kernel writes the new keys into it instead of concatenating a new tensor every step. Given a past that holds
 exactly the previous tokens, it concatenates like the portable graph, so plain onnxruntime.run works too.
 
+With k and v absent, q is the packed [q | k | v] projection (GroupQueryAttention's packed-QKV form): one MatMul
+feeds the kernel directly.
+
 The cache layout is the portable graph's (left-padded rows, one total length): seqlens_k is total - 1 for every
 row and padding, causality and GPT-Neo's local window all arrive in attention_bias.
 """
@@ -47,7 +50,8 @@ def _attention(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads: i
     # cache past_k is the whole buffer.
     total = op.Cast(op.Shape(bias, start=3, end=4), to=TensorProto.INT32)
     one = op.Constant(value=helper.make_tensor("one", TensorProto.INT32, [1], [1]))
-    seqlens_k = op.Expand(op.Sub(total, one), op.Shape(q, start=0, end=1))
+    # The batch from the bias too: every layer's seqlens_k is then one subexpression, computed once.
+    seqlens_k = op.Expand(op.Sub(total, one), op.Shape(bias, start=0, end=1))
     # Rotary inside the kernel rotates at the cache index (seqlens_k based), as the fused op's reference does.
     return _GQA(q, k, v, past_k, past_v, seqlens_k, op.Squeeze(total), cos_cache, sin_cache, None, bias,
                 num_heads=num_heads, kv_num_heads=num_heads, scale=scale, do_rotary=int(cos_cache is not None),

@@ -38,10 +38,19 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(h, h, bias=True)
         self.fused = False
 
+    def use_fused_attention(self) -> None:
+        """One [q | k | v] projection replaces the three (the fused op's packed form: one MatMul per layer)."""
+        h = self.q_proj.in_features
+        self.qkv_proj = nn.Linear(h, 3 * h, bias=False, device="meta")  # no initialisation: the weight is set next
+        with torch.no_grad():
+            self.qkv_proj.weight = nn.Parameter(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.fused = True
+
     def forward(self, x: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.fused:  # allowed is the additive bias here (see GPTNeo.forward); GPT-Neo does not scale q·kᵀ
-            out, k, v = fused_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), past[0], past[1], allowed,
-                                        None, None, self.num_heads, 1.0)
+            out, k, v = fused_attention(self.qkv_proj(x), None, None, past[0], past[1], allowed, None, None,
+                                        self.num_heads, 1.0)
             return self.out_proj(out), k, v
         q = split_heads(self.q_proj(x), self.num_heads)
         k = split_heads(self.k_proj(x), self.num_heads)
@@ -109,9 +118,11 @@ class GPTNeo(nn.Module):
 
     def use_fused_attention(self, max_context: int) -> None:
         """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
+        if self.fused:
+            return
         self.fused = True
         for block in self.transformer.h:
-            block.attn.attention.fused = True
+            block.attn.attention.use_fused_attention()
 
     def forward(
         self,

@@ -23,7 +23,7 @@ from neodeploy.reference.layers import (
     merge_heads,
     past_length,
 )
-from neodeploy.reference.fused import attention_bias, fused_attention
+from neodeploy.reference.fused import attention_bias, fused_attention, packed_rows
 from neodeploy.reference.spec import ModelSpec
 
 
@@ -48,6 +48,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(h, 3 * h, bias=spec.attention_bias)
         self.dense = nn.Linear(h, h, bias=spec.attention_bias)
         self.fused = False
+        self.packed = False  # query_key_value's rows are in the fused op's packed order (use_fused_attention)
         self.scale_queries = False  # set by the export (GPTNeoX.scale_queries_first)
         self.cos_cache = self.sin_cache = None
 
@@ -76,6 +77,10 @@ class Attention(nn.Module):
         # a transpose; allowed arrives as the additive bias. With cos / sin tables (use_fused_attention) rotary
         # happens inside the op, otherwise here at position_ids.
         b, s, _ = x.shape
+        if self.packed:
+            out, k, v = fused_attention(self.query_key_value(x), None, None, past[0], past[1], allowed,
+                                        self.cos_cache, self.sin_cache, self.num_heads, self.scale)
+            return self.dense(out), k, v
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         if self.cos_cache is None:
@@ -141,7 +146,10 @@ class GPTNeoX(nn.Module):
     def use_fused_attention(self, max_context: int) -> None:
         """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache.
         Rotary moves into the op, with cos / sin tables for every position computed as rotary_cos_sin does, where
-        onnxruntime's kernel takes the table width (ModelSpec.rotary_in_kernel)."""
+        onnxruntime's kernel takes the table width (ModelSpec.rotary_in_kernel); then query_key_value's rows are
+        also reordered into the op's packed [q | k | v] form (the same numbers: a permutation of the outputs)."""
+        if self.fused:
+            return
         half = self.spec.rotary_dims // 2
         tables = (None, None)
         if self.spec.rotary_in_kernel:
@@ -152,6 +160,13 @@ class GPTNeoX(nn.Module):
         for layer in self.gpt_neox.layers:
             layer.attention.fused = True
             layer.attention.cos_cache, layer.attention.sin_cache = tables
+            if self.spec.rotary_in_kernel:
+                projection, rows = layer.attention.query_key_value, packed_rows(self.spec.num_heads, self.spec.head_dim)
+                with torch.no_grad():
+                    projection.weight.copy_(projection.weight[rows])
+                    if projection.bias is not None:
+                        projection.bias.copy_(projection.bias[rows])
+                layer.attention.packed = True
 
     def scale_queries_first(self) -> None:
         """Scale q by 1/sqrt(head_dim) before q·kᵀ instead of the scores after it (equal up to rounding): TensorRT
