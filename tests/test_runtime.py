@@ -95,6 +95,39 @@ def test_sampling_is_seeded_and_filters_like_transformers(pair):
     np.testing.assert_allclose(ours, theirs, atol=1e-9)
 
 
+def test_sampler_draws_what_the_whole_vocabulary_distribution_draws():
+    """The sampler filters and draws over candidates only (runtime/sampling.py); it must pick exactly the token
+    rng.choice picks from sampling_distribution with the same seed, ties at the top-k / top-p edge included, and
+    report the same top log-probabilities as a full stable sort."""
+    from neodeploy.runtime.sampling import Sampler
+
+    rng = np.random.default_rng(0)
+    draws = 0
+    for trial in range(240):
+        vocab = int(rng.integers(2, 3000))
+        logits = (rng.standard_normal(vocab) * rng.uniform(0.5, 8)).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits)  # many ties, at every edge
+        params = SamplingParams(temperature=float(rng.uniform(0.2, 2)), top_k=int(rng.choice([0, 1, 5, 50, 5000])),
+                                top_p=float(rng.choice([1.0, 0.5, 0.9, 0.999])), seed=trial, logprobs=3,
+                                repetition_penalty=float(rng.choice([1.0, 1.3])))
+        history = [int(t) for t in rng.integers(0, vocab, 20)]
+        sampler, expected_rng, seen = Sampler(params, history), np.random.default_rng(trial), [list(history)]
+        for _ in range(4):
+            sample = sampler(logits)
+            want = int(expected_rng.choice(vocab, p=sampling_distribution(logits[None], seen, params)[0]))
+            seen[0].append(want)
+            assert sample.token == want
+            shifted = logits.astype(np.float64) - logits.max()
+            logp = shifted - np.log(np.exp(shifted).sum())
+            assert [i for i, _ in sample.top] == [int(i) for i in np.argsort(-logp, kind="stable")[:3]]
+            draws += 1
+    assert draws == 960
+    greedy = Sampler(SamplingParams(), [])
+    tied = np.array([1.0, 3.0, 3.0, -2.0], np.float32)
+    assert greedy(tied).token == 1  # the first of equal maxima, as argmax
+
+
 def test_stop_ids_and_finish_reasons(pair):
     _, art = pair
     model = load(art)
