@@ -44,7 +44,7 @@ def fused_attention(q: Tensor, k: Tensor | None, v: Tensor | None, past_k: Tenso
 
 @fused_attention.register_fake
 def _(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads, scale):
-    b, s, width = q.shape
+    b, s, _ = q.shape
     present = (b, past_k.shape[1], past_k.shape[2] + s, past_k.shape[3])
     hidden = past_k.shape[1] * past_k.shape[3]
     return q.new_empty((b, s, hidden)), past_k.new_empty(present), past_v.new_empty(present)

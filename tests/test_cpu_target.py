@@ -81,6 +81,13 @@ def test_cpu_export_runs_group_query_attention_and_generates_like_the_reference(
     rotary_in_kernel = [a.i for n in graph.node if n.op_type == "GroupQueryAttention"
                         for a in n.attribute if a.name == "do_rotary"]
     assert rotary_in_kernel == [int(name == "neox-rotary-in-kernel")] * spec.num_layers
+    # Where rotary is in the kernel (and for GPT-Neo, which has none) one packed [q | k | v] projection feeds
+    # each kernel: no key / value inputs, no Split; rotary in the graph needs q and k apart.
+    packed = name != "neox-rotary-in-graph"
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all((n.input[1] == n.input[2] == "") == packed for n in attention)
+    assert (ops["Split"] == 0) == packed
+    assert ops["MatMul"] == spec.num_layers * 4 + 1  # q, k and v in one MatMul per layer, for both families
 
     model, reference = load(art), load_checkpoint(ckpt)
     assert model.backend.in_place
