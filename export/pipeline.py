@@ -131,7 +131,8 @@ def export(
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
     memory.check(spec, max_memory, ExportError)  # said before any work, from the spec
     cpu = target == "cpu"
-    # onnxruntime's CPU GroupQueryAttention kernel is fp32 only: an fp16 CPU export keeps the plain attention.
+    # The fused attention and its in-place cache are fp32 (onnxruntime's CPU kernel ran slower in fp16): an fp16 CPU
+    # export keeps the plain attention.
     in_place = cpu and precision == "fp32"
     progress = Progress(6 + bool(quantize) + cpu, echo)
     gate = quantize or precision  # the verification tolerance that applies
@@ -162,7 +163,8 @@ def export(
                 fused = graph.in_subprocess(fuse.fuse, onnx_path, spec)
                 echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in fused.items()) or 'nothing'}")
                 if not in_place:
-                    echo("      attention stays unfused: onnxruntime's CPU GroupQueryAttention is fp32 only")
+                    echo("      attention stays unfused: the fused CPU attention is fp32 "
+                         "(onnxruntime's kernel is slower in fp16)")
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):

@@ -146,7 +146,8 @@ class Sampler:
         """logits [vocab] at the sequence's last position."""
         params = self.params
         if params.temperature == 0:
-            row = logits if params.repetition_penalty == 1.0 else penalised(logits[None, :], self.history, params.repetition_penalty)[0]
+            penalty = params.repetition_penalty
+            row = logits if penalty == 1.0 else penalised(logits[None, :], self.history, penalty)[0]
             token = int(row.argmax())
         else:
             token = self._draw(logits)

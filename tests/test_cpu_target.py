@@ -133,7 +133,7 @@ def test_fp16_cpu_export_keeps_plain_attention(tmp_path):
     ckpt = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=3, init_std=0.1)
     art = export(ckpt, tmp_path / "cpu16", target="cpu", precision="fp16", echo=lambda s: None)
     manifest = json.loads((art / "neodeploy.json").read_text())
-    assert manifest["onnx"]["kv_cache"] == "concatenated"  # onnxruntime's CPU GroupQueryAttention is fp32 only
+    assert manifest["onnx"]["kv_cache"] == "concatenated"  # the fused CPU attention is fp32 only
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     assert not any(n.op_type == "GroupQueryAttention" for n in graph.node)
     assert not load(art).backend.in_place
