@@ -4,9 +4,9 @@ A seeded sequence draws the same tokens whatever shares its batch (the RNG is th
 batch's), so `Model.generate`, the engine and the server all sample a request exactly as it would be
 sampled alone.
 
-The per-token work stays off the vocabulary where it can: greedy is one argmax on the float32 row, top-p sorts
-only the candidates that can be in the nucleus (argsorting 50k probabilities took 4.7 ms a token, longer than a
-pythia-160m int4 decode step), and the draw walks only the tokens left in. `sampling_distribution` is the
+The per-token work stays off the vocabulary where it can: greedy is one argmax on the float32 row, top-p never
+argsorts the row (argsorting 50k probabilities took 4.7 ms a token, longer than a pythia-160m int4 decode step),
+and the draw walks only the tokens left in. `sampling_distribution` is the
 whole-vocabulary statement of the same filtering; a test holds the two to the same tokens.
 """
 
@@ -116,15 +116,21 @@ def _descending(values: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     """The tokens top-p keeps (the smallest most-likely prefix whose mass reaches top_p), as sampling_distribution
-    keeps them, sorting a few hundred candidates instead of the vocabulary unless the nucleus is that wide."""
-    k = 256
-    while True:
-        order = _descending(probs, _largest(probs, k))
-        ranked = probs[order]
-        kept = int(np.count_nonzero(np.cumsum(ranked) - ranked < top_p))
-        if kept < order.shape[0] or order.shape[0] == probs.shape[0]:
-            return order[:kept]
-        k *= 8
+    keeps them, in index order. A peaked row's nucleus is found among a few hundred candidates; a wide one (a flat
+    row, a high temperature) from the sorted values alone: their running sum is the stable order's (ties are equal
+    values), and the kept set is every value above the last one kept plus, of the values equal to it, the first
+    ones by index, which is what the stable order keeps. No argsort of the vocabulary (3.6 ms for 50k)."""
+    order = _descending(probs, _largest(probs, 256))
+    ranked = probs[order]
+    kept = int(np.count_nonzero(np.cumsum(ranked) - ranked < top_p))
+    if kept < order.shape[0] or order.shape[0] == probs.shape[0]:
+        return np.sort(order[:kept])
+    ranked = np.sort(probs)[::-1]
+    kept = int(np.count_nonzero(np.cumsum(ranked) - ranked < top_p))
+    edge = ranked[kept - 1]
+    keep = probs > edge
+    keep[np.flatnonzero(probs == edge)[: kept - int(np.count_nonzero(keep))]] = True
+    return np.flatnonzero(keep)
 
 
 @dataclass(frozen=True)
@@ -164,15 +170,17 @@ class Sampler:
         """What rng.choice(vocab, p=sampling_distribution(...)) draws (the same single uniform, searched in the
         same cumulative sums up to rounding), over the tokens left in only."""
         params = self.params
-        scaled = penalised(logits[None, :], self.history, params.repetition_penalty)[0] / params.temperature
+        scaled = penalised(logits[None, :], self.history, params.repetition_penalty)[0]  # a float64 copy: ours
+        scaled /= params.temperature
+        kept = None
         if params.top_k and params.top_k < scaled.shape[0]:
             kept = _largest(scaled, params.top_k)  # ties at the k-th value stay in, as in sampling_distribution
-            probs = np.exp(scaled[kept] - scaled[kept].max())
-        else:
-            kept, probs = None, np.exp(scaled - scaled.max())
+            scaled = scaled[kept]
+        scaled -= scaled.max()
+        probs = np.exp(scaled, out=scaled)
         probs /= probs.sum()
         if params.top_p < 1.0:
-            nucleus = np.sort(_nucleus(probs, params.top_p))
+            nucleus = _nucleus(probs, params.top_p)
             probs = probs[nucleus]
             probs /= probs.sum()
             kept = nucleus if kept is None else kept[nucleus]

@@ -34,14 +34,17 @@ def main() -> None:
     # Logits shaped like a language model's: a few likely tokens over a long tail.
     rows = (rng.standard_normal((16, args.vocab)) * 2.5).astype(np.float32)
     rows[:, rng.integers(0, args.vocab, 20)] += 8.0
+    # A nearly flat row (a random-weight model's, or a high temperature): top-p then keeps most of the vocabulary.
+    flat = (rng.standard_normal((16, args.vocab)) * 0.3).astype(np.float32)
     print(f"vocabulary {args.vocab}, {args.tokens} tokens per setting, median of 5 runs")
-    for name, options in SETTINGS:
+    for name, options, logits in [*((n, o, rows) for n, o in SETTINGS),
+                                  ("temperature 0.8, top_p 0.95, on a nearly flat row", SETTINGS[2][1], flat)]:
         runs = []
         for _ in range(5):
             sampler = Sampler(SamplingParams(seed=0, **options), list(range(64)))
             start = time.perf_counter()
             for i in range(args.tokens):
-                sampler(rows[i % len(rows)])
+                sampler(logits[i % len(logits)])
             runs.append((time.perf_counter() - start) / args.tokens * 1e3)
         print(f"  {name:52s} {statistics.median(runs):7.3f} ms/token")
 
