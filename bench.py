@@ -4,7 +4,8 @@ and noisy, so only ratios within one run mean anything), after a warm-up; median
 
 Peers, each skipped with a note when not installed: the PyTorch reference, transformers (its default
 attention), Optimum's ORTModelForCausalLM on Optimum's own export of the same checkpoint (torch pinned to one
-thread while it runs: torch's glue beside onnxruntime oversubscribes the cores), and llama.cpp through
+thread while it runs: torch's glue beside onnxruntime oversubscribes the cores) and on that export quantised by
+Optimum's ORTQuantizer to dynamic int8 (`optimum-int8`), and llama.cpp through
 llama-cpp-python on a GGUF of the same checkpoint (`--compare llama.cpp --gguf FILE`; batch 1 only; GPT-NeoX
 only, llama.cpp has no GPT-Neo). Every row reports its decode time against its own memory roof: the weight bytes
 that system reads per token divided by the machine's read bandwidth, measured with a read-only kernel.
@@ -27,7 +28,7 @@ from neodeploy.errors import UsageError
 if TYPE_CHECKING:
     from neodeploy.runtime.manifest import Manifest
 
-SYSTEMS = ("neodeploy", "reference", "transformers", "optimum", "llama.cpp")
+SYSTEMS = ("neodeploy", "reference", "transformers", "optimum", "optimum-int8", "llama.cpp")
 DEFAULT_PEERS = ("reference", "transformers", "optimum")  # llama.cpp only when asked: it needs a GGUF
 
 
@@ -165,9 +166,12 @@ class TransformersRunner(Runner):
 
 
 class OptimumRunner(Runner):
+    """Optimum's ORTModelForCausalLM on Optimum's own export; with `quantize`, that export quantised by Optimum's
+    ORTQuantizer to dynamic int8 per output channel, the scheme of our --quantize int8 (`optimum-int8`)."""
+
     name = "optimum"
 
-    def __init__(self, checkpoint: Path, workdir: Path):
+    def __init__(self, checkpoint: Path, workdir: Path, quantize: bool = False):
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
 
@@ -175,7 +179,18 @@ class OptimumRunner(Runner):
         export_dir = workdir / "optimum-export"
         if not (export_dir / "model.onnx").is_file():
             ORTModelForCausalLM.from_pretrained(str(checkpoint), export=True).save_pretrained(export_dir)
-        self.model = ORTModelForCausalLM.from_pretrained(export_dir, use_cache=True)
+        model_dir, file_name = export_dir, "model.onnx"
+        if quantize:
+            from optimum.onnxruntime import ORTQuantizer
+            from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+            self.name, model_dir, file_name = "optimum-int8", workdir / "optimum-int8", "model_quantized.onnx"
+            if not (model_dir / file_name).is_file():
+                config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+                ORTQuantizer.from_pretrained(export_dir, file_name="model.onnx").quantize(
+                    save_dir=model_dir, quantization_config=config)
+            self.bytes_per_token = graph_bytes_per_token(model_dir / file_name)
+        self.model = ORTModelForCausalLM.from_pretrained(model_dir, file_name=file_name, use_cache=True)
 
     def _one_torch_thread(self, fn):
         threads = self.torch.get_num_threads()
@@ -277,14 +292,21 @@ def weight_bytes_per_token(artifact: Path, manifest: Manifest) -> int:
     embedding lookup reads one row per token). Falls back to the data file less the input embedding when
     onnx is not installed."""
     try:
-        import onnx
+        import onnx  # noqa: F401 - graph_bytes_per_token's
     except ImportError:
         spec = manifest.spec
         total = (artifact / manifest.onnx.external_data).stat().st_size
         if not spec.tied_embeddings:
             total -= spec.vocab_size * spec.hidden_size * (2 if manifest.dtype == "fp16" else 4)
         return max(total, 0)
-    model = onnx.load(str(artifact / manifest.onnx.file), load_external_data=False)
+    return graph_bytes_per_token(artifact / manifest.onnx.file)
+
+
+def graph_bytes_per_token(path: Path) -> int:
+    """Bytes of every initializer of an ONNX graph that a decode step reads: all but those only a Gather reads."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
     consumers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -348,7 +370,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
             elif name == "transformers":
                 runners[name] = TransformersRunner(checkpoint)
             else:
-                runners[name] = OptimumRunner(checkpoint, workdir)
+                runners[name] = OptimumRunner(checkpoint, workdir, quantize=name == "optimum-int8")
         except (ImportError, FileNotFoundError) as exc:
             skipped.append({"system": name, "reason": str(exc).splitlines()[0]})
             echo(f"skipping {name}: {str(exc).splitlines()[0]}")

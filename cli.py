@@ -708,7 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill / decode speed of the runtime against its peers, in one run")
     p.add_argument("artifact")
     p.add_argument("--checkpoint", help="checkpoint for the peers (default: the one the artifact was exported from)")
-    p.add_argument("--compare", default=None, help="comma-separated peers: reference, transformers, optimum, llama.cpp "
+    p.add_argument("--compare", default=None, help="comma-separated peers: reference, transformers, optimum, optimum-int8 (Optimum's export "
+                   "quantised by its ORTQuantizer), llama.cpp "
                    "(default: reference,transformers,optimum)")
     p.add_argument("--gguf", help="GGUF file of the same checkpoint, for --compare llama.cpp")
     p.add_argument("--threads", type=int, help="threads for neodeploy and llama.cpp alike (default: the cores "

@@ -143,3 +143,18 @@ def test_llama_cpp_peer_runs_batch_one_in_the_alternation_and_skips_cleanly(pair
     from neodeploy.reference.generate import greedy_generate
 
     assert [first, runner.token] == greedy_generate(reference, ids[0].tolist(), 2).output_ids
+
+
+def test_optimum_int8_peer_runs_optimums_own_quantised_export(pair):
+    """`--compare optimum-int8`: Optimum's export quantised by Optimum's ORTQuantizer (dynamic int8 per channel),
+    with its weight bytes read from that graph."""
+    pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
+    _, art = pair
+    report = bench_module.bench(art, compare=["optimum-int8"], batches=[1], prompt=8, new_tokens=3, repeat=1,
+                                echo=lambda s: None)
+    rows = {r["system"]: r for r in report["results"]}
+    assert set(rows) == {"neodeploy", "optimum-int8"} and not report["skipped"]
+    fp32 = rows["neodeploy"]["weight_bytes_per_token"]  # this artifact is fp32: int8 weights are ~1/4 of it
+    assert rows["optimum-int8"]["weight_bytes_per_token"] < 0.5 * fp32
+    assert rows["optimum-int8"]["decode_ms_per_token"]["median"] > 0
+    assert "optimum-int8" in report["ratios_vs_peers"]
