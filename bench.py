@@ -380,7 +380,9 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         runner = runners[name]
         if not runner.bytes_per_token:  # llama.cpp's comes from its GGUF
             runner.bytes_per_token = per_token if name == "neodeploy" else checkpoint_bytes_per_token(manifest.spec)
-    bandwidth = read_bandwidth_gbs()
+    # This machine's bandwidth moves by tens of per cent over minutes: it is measured before, once per repeat and
+    # after the runs, and the roof uses the median (one measurement at a fast or slow moment moved every x roof).
+    bandwidths = [read_bandwidth_gbs()]
     rng = np.random.default_rng(0)
     vocab = manifest.spec.vocab_size
     results: list[Result] = []
@@ -395,6 +397,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
             _run_once(runner, ids, min(new_tokens, 4))
         order = list(running)
         for r in range(repeat):
+            bandwidths.append(read_bandwidth_gbs())
             for name in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
                 time.sleep(0.05)  # let the previous system's spinning worker threads go idle first
                 prefill_ms, decode_ms = _run_once(running[name], ids, new_tokens)
@@ -406,9 +409,8 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         getattr(getattr(runner, "backend", None), "close", lambda: None)()
     runners.clear()
     scratch.cleanup()
-    # Measured again after the runs, and the better of the two kept: this machine's bandwidth moves by tens of per
-    # cent over minutes, and one measurement at a slow moment put decode loops "under" their roof.
-    bandwidth = max(bandwidth, read_bandwidth_gbs())
+    bandwidths.append(read_bandwidth_gbs())
+    bandwidth = statistics.median(bandwidths)
     roof_ms = per_token / (bandwidth * 1e9) * 1e3
     summaries = [r.summary(new_tokens, bandwidth) for r in results]
     ratios = {}
@@ -427,7 +429,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
                   "hidden": manifest.spec.hidden_size},
         "config": {"batches": list(batches), "prompt": prompt, "new_tokens": new_tokens, "repeat": repeat,
                    "threads": threads},
-        "machine": {"read_bandwidth_gbs": bandwidth, "cpu_count": cores()},
+        "machine": {"read_bandwidth_gbs": bandwidth, "read_bandwidth_samples_gbs": bandwidths, "cpu_count": cores()},
         "weights": {"bytes_per_token": per_token, "roof_ms_per_token": roof_ms},
         "results": summaries, "ratios_vs_peers": ratios, "skipped": skipped,
     }
@@ -445,7 +447,7 @@ def table(report: dict) -> str:
                      + f" {s['weight_bytes_per_token'] / 1e6:>8.0f} {s['memory_mb']:>8.0f}")
     w = report["weights"]
     lines.append(f"read bandwidth {report['machine']['read_bandwidth_gbs']:.1f} GB/s (read-only kernel, "
-                 f"{report['config']['threads']} threads, the better of before and after the runs); roof = weight bytes read per token / bandwidth: ours "
+                 f"{report['config']['threads']} threads, median of before, each repeat and after); roof = weight bytes read per token / bandwidth: ours "
                  f"{w['bytes_per_token'] / 1e6:.0f} MB, {w['roof_ms_per_token']:.1f} ms/token")
     for peer, by_batch in report["ratios_vs_peers"].items():
         for batch, r in by_batch.items():

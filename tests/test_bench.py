@@ -26,13 +26,15 @@ def test_bench_report_schema_and_skips(pair, monkeypatch, tmp_path):
         raise ImportError("No module named 'optimum' (simulated)")
 
     monkeypatch.setattr(bench_module, "OptimumRunner", not_installed)
-    # Measured before and after the runs; the better one is the roof's (a slow moment must not lower the roof).
-    measured = iter([10.0, 20.0])
+    # Measured before, once per repeat of each batch and after: the roof takes the median (one fast or slow moment
+    # must not move it).
+    measured = iter([10.0, 50.0, 20.0, 20.0, 30.0, 90.0])
     monkeypatch.setattr(bench_module, "read_bandwidth_gbs", lambda: next(measured))
     report = bench_module.bench(art, compare=["reference", "transformers", "optimum"], batches=[1, 2], prompt=8,
                                 new_tokens=4, repeat=2, echo=lambda s: None)
-    assert report["machine"]["read_bandwidth_gbs"] == 20.0
-    assert report["weights"]["roof_ms_per_token"] == pytest.approx(report["weights"]["bytes_per_token"] / 20e9 * 1e3)
+    assert report["machine"]["read_bandwidth_samples_gbs"] == [10.0, 50.0, 20.0, 20.0, 30.0, 90.0]
+    assert report["machine"]["read_bandwidth_gbs"] == 25.0
+    assert report["weights"]["roof_ms_per_token"] == pytest.approx(report["weights"]["bytes_per_token"] / 25e9 * 1e3)
     assert report["checkpoint"] == str(ckpt)
     assert report["skipped"] == [{"system": "optimum", "reason": "No module named 'optimum' (simulated)"}]
     systems = [(r["system"], r["batch"]) for r in report["results"]]
