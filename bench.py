@@ -292,14 +292,13 @@ def weight_bytes_per_token(artifact: Path, manifest: Manifest) -> int:
     embedding lookup reads one row per token). Falls back to the data file less the input embedding when
     onnx is not installed."""
     try:
-        import onnx  # noqa: F401 - graph_bytes_per_token's
+        return graph_bytes_per_token(artifact / manifest.onnx.file)
     except ImportError:
         spec = manifest.spec
         total = (artifact / manifest.onnx.external_data).stat().st_size
         if not spec.tied_embeddings:
             total -= spec.vocab_size * spec.hidden_size * (2 if manifest.dtype == "fp16" else 4)
         return max(total, 0)
-    return graph_bytes_per_token(artifact / manifest.onnx.file)
 
 
 def graph_bytes_per_token(path: Path) -> int:
@@ -447,7 +446,8 @@ def table(report: dict) -> str:
                      + f" {s['weight_bytes_per_token'] / 1e6:>8.0f} {s['memory_mb']:>8.0f}")
     w = report["weights"]
     lines.append(f"read bandwidth {report['machine']['read_bandwidth_gbs']:.1f} GB/s (read-only kernel, "
-                 f"{report['config']['threads']} threads, median of before, each repeat and after); roof = weight bytes read per token / bandwidth: ours "
+                 f"{report['config']['threads']} threads, median of before, each repeat and after); "
+                 f"roof = weight bytes read per token / bandwidth: ours "
                  f"{w['bytes_per_token'] / 1e6:.0f} MB, {w['roof_ms_per_token']:.1f} ms/token")
     for peer, by_batch in report["ratios_vs_peers"].items():
         for batch, r in by_batch.items():
@@ -479,8 +479,8 @@ def plot(report: dict, path: Path) -> None:
             med = [r[key]["median"] for r in rows]
             err = [[m - r[key]["min"] for m, r in zip(med, rows)], [r[key]["max"] - m for m, r in zip(med, rows)]]
             ax.bar(x, med, width, yerr=err, capsize=3, label=system)
-    floor = report["weights"]["roof_ms_per_token"]
-    axes[0].axhline(floor, color="black", linestyle="--", linewidth=1, label=f"our memory roof ({floor:.1f} ms)")
+    roof = report["weights"]["roof_ms_per_token"]
+    axes[0].axhline(roof, color="black", linestyle="--", linewidth=1, label=f"our memory roof ({roof:.1f} ms)")
     for ax, title in zip(axes, ("decode ms / token (lower is better)", "prefill ms (lower is better)")):
         ax.set_xticks(np.arange(len(batches)) + width * (len(systems) - 1) / 2, [f"batch {b}" for b in batches])
         ax.set_title(title)

@@ -85,9 +85,6 @@ def test_llama_cpp_peer_runs_batch_one_in_the_alternation_and_skips_cleanly(pair
 
     import numpy as np
 
-    from neodeploy import bench as bench_module
-    from neodeploy.errors import UsageError
-
     ckpt, art = pair
     with pytest.raises(UsageError, match="--gguf"):
         bench_module.bench(art, compare=["llama.cpp"], prompt=8, new_tokens=3, repeat=1, echo=lambda s: None)
