@@ -35,6 +35,11 @@ class VerificationError(NeodeployError):
     exit_code = 1
 
 
+class ModelOutputError(NeodeployError):
+    """The model's logits are not finite (NaN or inf): the artifact is broken or its precision overflowed. It fails
+    the sequence it happened in (the server answers 500)."""
+
+
 class OverloadedError(NeodeployError):
     """The engine's waiting queue is full: retry later (the server answers 429 with Retry-After)."""
 

@@ -325,7 +325,12 @@ class Engine:
             if logits is None:
                 continue  # more chunks to come
             self._prefilling.remove(entry)
-            delta = entry.handle.sequence.feed(logits[0])
+            try:
+                delta = entry.handle.sequence.feed(logits[0])
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self._fail([entry], exc)
+                entry.batch = None
+                continue
             self._emit(entry, delta)
             if delta.finish_reason is None:
                 self._batch.join(entry.batch)
@@ -341,7 +346,12 @@ class Engine:
         self.observer.step(len(self._running), time.perf_counter() - start)
         finished = []
         for row, entry in enumerate(self._running):
-            delta = entry.handle.sequence.feed(logits[row])
+            try:
+                delta = entry.handle.sequence.feed(logits[row])
+            except Exception as exc:  # noqa: BLE001 - one row's logits (NaN) fail its request, not the batch's
+                self._fail([entry], exc)
+                finished.append(row)
+                continue
             self._emit(entry, delta)
             if delta.finish_reason is not None:
                 finished.append(row)

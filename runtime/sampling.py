@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.errors import ModelOutputError, UsageError
 
 MAX_LOGPROBS = 20  # OpenAI's own limit on top log-probabilities per token
 
@@ -83,7 +83,9 @@ def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> n
 
 def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams) -> np.ndarray:
     """Probabilities [batch, vocab] after repetition penalty, temperature, top-k and top-p (temperature > 0)."""
-    logits = penalised(logits, history, params.repetition_penalty) / params.temperature
+    logits = penalised(logits, history, params.repetition_penalty)
+    # The max first: a temperature near the float minimum turns x / T into inf, and inf - inf into NaN.
+    logits = (logits - logits.max(-1, keepdims=True)) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = np.partition(logits, -params.top_k, axis=-1)[:, -params.top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
@@ -155,6 +157,7 @@ class Sampler:
             penalty = params.repetition_penalty
             row = logits if penalty == 1.0 else penalised(logits[None, :], self.history, penalty)[0]
             token = int(row.argmax())
+            _finite(row[token])  # argmax lands on a NaN or an inf if the row has one
         else:
             token = self._draw(logits)
         self.history[0].append(token)
@@ -164,13 +167,17 @@ class Sampler:
         logp = shifted - np.log(np.exp(shifted).sum())
         k = params.logprobs
         top = _descending(logp, _largest(logp, k))[:k] if k else []
-        return Sample(token, float(logp[token]), tuple((int(i), float(logp[i])) for i in top))
+        # A -inf logit (a masked token) has no JSON number: it is not among the likeliest anyway.
+        return Sample(token, float(logp[token]), tuple((int(i), float(logp[i])) for i in top if np.isfinite(logp[i])))
 
     def _draw(self, logits: np.ndarray) -> int:
         """What rng.choice(vocab, p=sampling_distribution(...)) draws (the same single uniform, searched in the
         same cumulative sums up to rounding), over the tokens left in only."""
         params = self.params
         scaled = penalised(logits[None, :], self.history, params.repetition_penalty)[0]  # a float64 copy: ours
+        top = scaled.max()
+        _finite(top)  # NaN propagates into the max, and an inf or an all -inf row is the max
+        scaled -= top  # before the temperature, as in sampling_distribution: x / 1e-310 overflows
         scaled /= params.temperature
         kept = None
         if params.top_k and params.top_k < scaled.shape[0]:
@@ -188,3 +195,9 @@ class Sampler:
         cdf /= cdf[-1]
         index = int(np.searchsorted(cdf, self.rng.random(), side="right"))
         return int(index if kept is None else kept[index])
+
+
+def _finite(value: float) -> None:
+    if not np.isfinite(value):
+        raise ModelOutputError(f"the model's logits are not finite ({float(value)}): the artifact is broken or its "
+                               "precision overflowed; run `neodeploy check` on it (an fp16 export: try fp32)")

@@ -149,6 +149,33 @@ def test_a_failing_request_leaves_the_others_running(exported):
         engine.close()
 
 
+def test_non_finite_logits_fail_only_their_own_request(exported, monkeypatch):
+    """A row whose logits are NaN (a broken or overflowing model, here one sequence's sampler seeing NaN after
+    its third token) fails that request with the typed error; the other rows of the same batch finish as alone."""
+    from neodeploy.errors import ModelOutputError
+    from neodeploy.runtime import sampling
+
+    model = load(exported("cpu-neo", tiny_neo(), target="cpu")[1])
+    want = [model.generate(p, max_new_tokens=n)[0].output_ids for p, n in _requests(3, seed=4)]
+    call = sampling.Sampler.__call__
+
+    def poisoned(self, logits):
+        if self.params.seed == 666 and len(self.history[0]) >= 6:
+            logits = np.full_like(logits, np.nan)
+        return call(self, logits)
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", poisoned)
+    engine = Engine(model, EngineConfig(max_running=4))
+    try:
+        good = [engine.submit(p, max_new_tokens=n) for p, n in _requests(3, seed=4)]
+        bad = engine.submit([5, 6, 7], SamplingParams(temperature=0.8, seed=666, max_new_tokens=12))
+        with pytest.raises(ModelOutputError, match="not finite"):
+            bad.result(timeout=30)
+        assert [h.result(timeout=30).output_ids for h in good] == want
+    finally:
+        engine.close()
+
+
 def test_limits_and_budgets_are_checked_at_submit(exported):
     model = load(exported("rt-gpt_neox", tiny_neox())[1])  # max_context 128
     per_token = 2 * 2 * 64 * 4

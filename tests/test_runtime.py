@@ -128,6 +128,29 @@ def test_sampler_draws_what_the_whole_vocabulary_distribution_draws():
     assert greedy(tied).token == 1  # the first of equal maxima, as argmax
 
 
+def test_sampler_at_a_denormal_temperature_and_on_non_finite_logits():
+    """A temperature the API allows (0 < T <= 2) but near the float minimum is greedy, not NaN; a NaN or inf in
+    the logits is a typed error naming the fix, never a silent token 0; a masked (-inf) token never reaches the
+    reported log-probabilities (JSON has no -inf)."""
+    from neodeploy.errors import ModelOutputError
+    from neodeploy.runtime.sampling import Sampler
+
+    logits = np.array([1.0, 2.0, 3.0, 0.5], np.float32)
+    for params in (SamplingParams(temperature=1e-310, seed=1), SamplingParams(temperature=1e-310, top_p=0.5, seed=2),
+                   SamplingParams(temperature=1e-300, top_k=2, seed=3)):
+        assert [Sampler(params, [])(logits).token for _ in range(3)] == [2, 2, 2]
+        np.testing.assert_array_equal(sampling_distribution(logits[None], [[]], params)[0], [0, 0, 1, 0])
+    for bad in ([1.0, np.nan, 3.0], [1.0, np.inf, 3.0], [-np.inf, -np.inf, -np.inf], [np.nan] * 3):
+        row = np.array(bad, np.float32)
+        for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0), SamplingParams(temperature=0.7, top_p=0.9),
+                       SamplingParams(temperature=0.7, top_k=2, logprobs=2)):
+            with pytest.raises(ModelOutputError, match="not finite.*neodeploy check"):
+                Sampler(params, [])(row)
+    masked = np.array([-np.inf, 2.0, 1.0, -np.inf], np.float32)
+    sample = Sampler(SamplingParams(logprobs=4), [])(masked)
+    assert sample.token == 1 and [i for i, _ in sample.top] == [1, 2] and all(np.isfinite(v) for _, v in sample.top)
+
+
 def test_stop_ids_and_finish_reasons(pair):
     _, art = pair
     model = load(art)
