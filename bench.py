@@ -327,10 +327,11 @@ def graph_bytes_per_token(path: Path) -> int:
 def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: list[str] | None = None,
           batches: list[int] = (1,), prompt: int = 128, new_tokens: int = 64, repeat: int = 5,
           gguf: str | Path | None = None, threads: int | None = None, echo=print) -> dict:
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.runtime.manifest import read_manifest, verify_files
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    verify_files(manifest, [manifest.onnx.file, manifest.onnx.external_data])  # the graph is read before load
     compare = list(compare if compare is not None else DEFAULT_PEERS)
     unknown = [s for s in compare if s not in SYSTEMS]
     if unknown:
@@ -348,6 +349,8 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     source = manifest.data.get("source")
     if checkpoint is None and not (isinstance(source, dict) and isinstance(source.get("checkpoint"), str)):
         raise UsageError(f"{artifact}'s manifest does not say which checkpoint it came from; pass --checkpoint")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {checkpoint} does not exist (or is not a folder)")
     checkpoint = Path(checkpoint or source["checkpoint"])
     per_token = weight_bytes_per_token(artifact, manifest)  # ours, from the graph
     skipped: list[dict] = []
@@ -363,7 +366,8 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
             elif name == "llama.cpp":
                 runners[name] = LlamaCppRunner(Path(gguf), prompt + new_tokens, threads)
             elif not checkpoint.is_dir():
-                raise FileNotFoundError(f"checkpoint {checkpoint} not found (pass --checkpoint)")
+                raise FileNotFoundError(f"checkpoint {checkpoint}, named in the artifact's manifest, is not here "
+                                        "(pass --checkpoint)")
             elif name == "reference":
                 runners[name] = ReferenceRunner(checkpoint)
             elif name == "transformers":

@@ -242,8 +242,11 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
 
+    if args.block_size is not None and args.quantize != "int4":
+        raise UsageError("--block-size applies to --quantize int4 only (int8 is per channel); drop it or add "
+                         "--quantize int4")
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size, target=args.target,
+           overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size or 32, target=args.target,
            logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"))
     return 0
 
@@ -321,6 +324,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     parse_kv_budget(args.kv_budget, manifest)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if not 0 <= args.grace_period < float("inf"):
+        raise UsageError(f"--grace-period must be a number of seconds >= 0, got {args.grace_period}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
                           prefill_chunk=args.prefill_chunk)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
@@ -381,7 +386,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         path = Path(args.prompts)
         if not path.is_file():
             raise UsageError(f"prompts file {path} does not exist")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"prompts file {path} is not UTF-8 text (byte {exc.start}); pass UTF-8 prompts") from exc
         if not prompts:
             raise UsageError(f"prompts file {path} has no non-empty lines")
     if args.steps < 1:
@@ -613,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's max positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size: 32 (default), 64 or 128")
+    p.add_argument("--block-size", type=int, help="int4 block size: 32 (default), 64 or 128")
     p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime) or cpu "
                    "(onnxruntime fusions, last-position logits only)")
     p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "

@@ -158,11 +158,29 @@ def in_subprocess(fn, *args):
     exporter, onnxruntime's optimizer and quantiser, which copy whole models — goes back to the OS when it exits,
     instead of staying in this process's heap for the stages after it. fn and its result must pickle."""
     import multiprocessing
+    import signal
+    import threading
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=die_with_parent) as pool:
-        return pool.submit(fn, *args).result()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
+    try:
+        # The worker starts with Ctrl-C ignored (an ignored signal survives exec): a terminal's Ctrl-C reaches the
+        # whole group, and a worker interrupted mid-import printed a KeyboardInterrupt traceback. This process
+        # handles it and kills the worker below.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            future = pool.submit(fn, *args)  # spawns the worker now
+        finally:
+            if main and previous is not None:  # None: a handler not installed from Python, left alone
+                signal.signal(signal.SIGINT, previous)
+        return future.result()
+    except BaseException:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()  # a worker that ignores Ctrl-C would otherwise finish its stage before we exit
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,

@@ -13,7 +13,7 @@ from neodeploy.errors import ExportError, UsageError, VerificationError
 from neodeploy.export import fuse, graph, memory, refcache, verify
 from neodeploy.progress import live
 from neodeploy.export import quantize as quantization
-from neodeploy.reference.spec import load_spec
+from neodeploy.reference.spec import MAX_POSITIONS, load_spec
 from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
 from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -87,6 +87,8 @@ def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, m
         max_context = spec.max_positions
     if max_context < verify.DECODE_STEPS + 2:
         raise UsageError(f"--max-context {max_context} is too small; it must be at least {verify.DECODE_STEPS + 2}")
+    if max_context > MAX_POSITIONS:  # the manifest's own bound, checked before the work instead of after it
+        raise UsageError(f"--max-context {max_context} is beyond any model ({MAX_POSITIONS} at most)")
     if spec.family == "gpt_neo" and max_context > spec.max_positions:
         raise UsageError(
             f"--max-context {max_context} exceeds the {spec.max_positions} learned positions of this GPT-Neo "

@@ -119,9 +119,10 @@ class ModelSpec:
     @property
     def rotary_in_kernel(self) -> bool:
         """Whether the CPU export rotates inside onnxruntime's GroupQueryAttention: its kernel takes the cos / sin
-        table width rotary_dims / 2 only as a multiple of 8 (Pythia 70m..12b; not 14m or gpt-neox-20b, which keep
-        rotary in the graph)."""
-        return self.family == "gpt_neox" and self.rotary_dims // 2 % 8 == 0
+        table width rotary_dims / 2 only as a multiple of 8, and rotates only heads whose width is a multiple of 16
+        (Pythia 70m..12b; not 14m or gpt-neox-20b, nor head width 24 with rotary 16, which keep rotary in the
+        graph)."""
+        return self.family == "gpt_neox" and self.rotary_dims // 2 % 8 == 0 and self.head_dim % 16 == 0
 
     def num_parameters(self) -> int:
         """Parameter count of the causal LM, counting a tied lm_head once."""

@@ -69,12 +69,7 @@ class Model:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise UsageError(f"{self.artifact} has no tokenizer; pass prompts as lists of token ids")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise UsageError(f"the prompt is not valid text (a lone surrogate, or a byte that is not UTF-8, at "
-                                 f"character {exc.start}); pass UTF-8 text") from exc
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt)  # refuses text that is not valid Unicode
         else:
             try:
                 ids = list(prompt)

@@ -5,6 +5,7 @@ resolving eos / pad / bos ids. Torch-free: the runtime uses it in serving proces
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import TokenizerError
+from neodeploy.errors import TokenizerError, UsageError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 EOT = "<|endoftext|>"
@@ -73,10 +74,21 @@ class Tokenizer:
         return cls(tk, *resolve_special_ids(tk, folder))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # tokenizers' own error for it is a TypeError about its types
+            raise UsageError(f"the prompt is not valid text (a lone surrogate, or a byte that is not UTF-8, at "
+                             f"character {exc.start}); pass UTF-8 text") from exc
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters in the vocabulary's longest entry: no token decodes to more (byte-level entries spell one
+        byte per character), so a text of N characters has at least N / longest_token tokens."""
+        return max((len(t) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     @property
     def vocab_size(self) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.engine import Engine, EngineConfig
@@ -160,10 +161,19 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
             return error_response(503, str(exc), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
         if isinstance(exc, ModelNotFound):
             return error_response(404, str(exc), "invalid_request_error", "model", "model_not_found")
+        if isinstance(exc, PayloadTooLarge):
+            return error_response(413, str(exc), "invalid_request_error", code="payload_too_large")
         state.metrics.rejected("invalid")
         if isinstance(exc, UsageError):
             return error_response(400, str(exc), "invalid_request_error", getattr(exc, "param", None))
         return error_response(500, str(exc), "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: JSON too
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind,
+                              code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception):  # a failed generation or a bug: still JSON, never HTML
@@ -194,16 +204,27 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_chat(await _json(request))
+        _served(req)  # another model is a 404 before anything about this one's template
         if state.chat is None:
             raise BadRequest("this artifact's tokenizer ships no chat template; use /v1/completions", "messages")
         prompt = state.chat.render(req.messages)
         return await _generate(request, dataclasses.replace(req, prompts=[prompt]))
 
-    async def _generate(request: Request, req: GenerationRequest):
+    def _served(req: GenerationRequest) -> None:
         if req.model != options.name:
             raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {options.name!r}")
+
+    async def _generate(request: Request, req: GenerationRequest):
+        _served(req)
         engine, model = state.engine, state.model
-        encoded = [model.encode(p) for p in req.prompts]
+        for p in req.prompts:
+            # No token is longer than the vocabulary's longest entry (x2 for normalisers that compose characters),
+            # so text beyond that many characters per token of context cannot fit: refused before the tokenizer
+            # spends seconds on it (10 MB took 13 s, and every other client waited; the bound is ~2 s of it at 2048 tokens).
+            if isinstance(p, str) and model.tokenizer and len(p) > 2 * engine.capacity * model.tokenizer.longest_token:
+                raise BadRequest(f"the prompt ({len(p)} characters) is far longer than the context of "
+                                 f"{engine.capacity} tokens; shorten it", "prompt")
+        encoded = [model.encode(p) for p in req.prompts]  # tokenizers holds the GIL: a thread would not help
         if req.kind == "chat" and not req.max_tokens_given:
             room = engine.capacity - len(encoded[0])
             if room < 1:
@@ -324,6 +345,10 @@ class ModelNotFound(UsageError):
     """The request names a model this server does not serve (404)."""
 
 
+class PayloadTooLarge(UsageError):
+    """The request body is over MAX_BODY (413)."""
+
+
 def _finish(reason: str) -> str:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
 
@@ -334,9 +359,18 @@ def _usage(encoded, results) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+MAX_BODY = 16 * 2**20  # 64 prompts of a 2048-token context as text or ids are under 1 MB
+
+
 async def _json(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise PayloadTooLarge(f"the request body ({int(declared)} bytes) is over {MAX_BODY} bytes; send less")
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes; send less")
     try:
-        return json.loads(await request.body())
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON ({exc})") from exc
 
@@ -367,7 +401,14 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_le
         server.should_exit = True
 
     state.on_failure = stop
+    # Bound here, before saying so: uvicorn binds inside run(), logs a taken port and exits 3 after our line.
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port, or a --host "
+                         "this machine has") from exc
     print(f"neodeploy serve: listening on http://{host}:{port} (model {options.name!r}, loading {options.artifact})",
           file=sys.stderr, flush=True)
-    server.run()
+    server.run(sockets=[listener])
     return state.exit_code

@@ -166,11 +166,9 @@ def bench_serve(artifact: str | Path | None, url: str | None = None, model_name:
     if url is None:
         proc, url = _start_server(Path(artifact), max_running or max(concurrency), requests, echo)
         model_name = "bench"
-    elif model_name is None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        model_name = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+    else:
+        served = _served_model(url, api_key)
+        model_name = model_name or served
     rows = []
     try:
         run_server_level(url, model_name, prompts[:2], 4, 2, api_key)  # warm-up
@@ -236,3 +234,22 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _served_model(url: str, api_key: str | None) -> str:
+    """The id the server at url serves; a server that is not there, or refuses us, is one line saying what to do."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        raise UsageError(f"cannot reach {url} ({type(exc).__name__}: {str(exc) or 'no answer'}); start the server "
+                         "or fix --url") from exc
+    if response.status_code == 401:
+        raise UsageError(f"{url} wants an API key: pass --api-key")
+    try:
+        return response.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UsageError(f"{url}/v1/models answered {response.status_code} without a model list; is --url an "
+                         "OpenAI-compatible server?") from exc

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ def world(exported, tmp_path_factory):
     text = (art / "neodeploy.json").read_text()
     (root / "truncated-manifest" / "neodeploy.json").write_text(text[: len(text) // 2])
     drifted_copy(art, root / "drifted")
+    (root / "bad-prompts.txt").write_bytes(b"hello\n\xff\xfe not text\n")
     other = exported("rt-gpt_neo", tiny_neo())[0]
     shutil.copytree(other, root / "other-ckpt")
     return root
@@ -98,6 +100,8 @@ CASES = [
     ("export {w}/ckpt {w}/new --quantize int3", 2, "int3", None),
     ("export {w}/ckpt {w}/new --quantize int8 --precision fp16", 2, "fp32", None),
     ("export {w}/ckpt {w}/new --quantize int4 --block-size 48", 2, "block-size", None),
+    ("export {w}/ckpt {w}/new --block-size 64", 2, "block-size", None),
+    ("export {w}/ckpt {w}/new --max-context 16777217", 2, "max-context", None),
     ("export {w}/ckpt {w}/new --target gpu", 2, "target", None),
     ("export {w}/ckpt {w}/ckpt --overwrite", 2, "checkpoint folder", None),
     ("export {w}/bad-config {w}/new", 2, "vocab_size", None),
@@ -119,7 +123,10 @@ CASES = [
     ("check {w}/art --report {w}/missing/report.json", 2, "does not exist", None),
     ("check {w}/corrupt-golden", 2, "sha256", None),
     ("check {w}/drifted", 1, "", None),  # the gate failed: 1, not 2
+    # reference
+    ("reference {w}/ckpt a\udcffb", 2, "UTF-8", None),  # argv bytes that are not UTF-8 arrive as surrogates
     # validate
+    ("validate {w}/art --reference {w}/ckpt --prompts {w}/bad-prompts.txt", 2, "UTF-8", None),
     ("validate {w}/art --reference {w}/missing", 2, "does not exist", None),
     ("validate {w}/art --reference {w}/other-ckpt", 2, "not the checkpoint", None),
     ("validate {w}/art --reference {w}/ckpt --report {w}/missing/r.json", 2, "does not exist", None),
@@ -139,6 +146,11 @@ CASES = [
     ("serve {w}/missing", 2, "does not exist", None),
     ("serve {w}/art --port 0", 2, "port", None),
     ("serve {w}/art --kv-budget lots", 2, "kv budget", None),
+    ("serve {w}/art --grace-period -1", 2, "grace-period", None),
+    # bench, bench-serve
+    ("bench {w}/corrupt-graph --compare reference", 2, "sha256", None),
+    ("bench {w}/art --checkpoint {w}/missing --prompt 8 --new-tokens 4", 2, "does not exist", None),
+    ("bench-serve --url http://127.0.0.1:9 --requests 2 --concurrency 1", 2, "cannot reach", None),
 ]
 
 
@@ -163,6 +175,16 @@ def test_bad_inputs_are_one_line_exit_2_and_change_nothing(world, tmp_path):
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"bad inputs changed files: {changed}"
     assert not list(tmp_path.iterdir()), "a failed command wrote into its working folder"
+
+
+def test_serve_on_a_taken_port_says_so_before_claiming_to_listen(world, tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        result = run_cli("serve", world / "art", "--port", held.getsockname()[1], cwd=tmp_path, timeout=60)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2 and "cannot listen" in err and "choose another --port" in err, err[-800:]
+    assert "listening on" not in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err[-800:]
 
 
 # ----------------------------------------------------------------------------------------------- full disks
@@ -263,6 +285,7 @@ def test_kill_or_ctrl_c_during_trace_or_verify_keeps_the_old_artifact(world, tmp
             leftovers = [p.name for p in tmp_path.iterdir() if p.name != "art"]
             if sig == signal.SIGINT:
                 assert not leftovers, f"Ctrl-C left {leftovers}"
+                assert "Traceback" not in err, f"Ctrl-C during {stage} printed a traceback: {err[-800:]}"
     # The next run into the same place removes what the killed ones left and replaces the artifact.
     again = run_cli("export", world / "ckpt", out, "--overwrite", timeout=300)
     assert again.returncode == 0, again.stderr[-800:]

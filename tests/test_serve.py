@@ -245,6 +245,43 @@ def test_503_while_loading_and_json_errors_in_process(artifact):
     assert models.json()["error"]["type"] == "service_unavailable"
 
 
+def test_every_error_is_openai_json_and_oversized_prompts_are_refused_before_tokenizing(artifact):
+    """In process: unknown routes and methods answer OpenAI's error body, not FastAPI's {"detail"}; another
+    model's name is a 404 even where this one has no chat template; a prompt far beyond the context is a 400 from
+    its length alone (the tokenizer holds the GIL: 10 MB of text stalled every client for 13 s); a body over the
+    limit is a 413."""
+    from neodeploy.serve.app import MAX_BODY, ServeOptions, ServerState, create_app
+
+    options = ServeOptions(artifact, "tiny", skip_check=True)
+    state = ServerState(options)
+    state.load()
+    state.chat = None  # as for a tokenizer that ships no chat template
+    app = create_app(options, state)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return [await c.post("/v1/chat/completions", json={"model": "other", **chat}),
+                    await c.post("/v1/chat/completions", json={"model": "tiny", **chat}),
+                    await c.get("/v1/completions"),
+                    await c.post("/v1/nothing", json={}),
+                    await c.post("/v1/completions", json={"model": "tiny", "prompt": "a" * (3 * 2048 * 512)}),
+                    await c.post("/v1/completions", content=b" " * (MAX_BODY + 1)),
+                    await c.post("/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2})]
+
+    try:
+        other, no_template, method, route, huge, body, fine = asyncio.run(go())
+    finally:
+        state.engine.close()
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    assert no_template.status_code == 400 and "chat template" in no_template.json()["error"]["message"]
+    assert method.status_code == 405 and method.json()["error"]["code"] == "method_not_allowed"
+    assert route.status_code == 404 and route.json()["error"]["type"] == "invalid_request_error"
+    assert huge.status_code == 400 and "far longer than the context" in huge.json()["error"]["message"]
+    assert body.status_code == 413 and body.json()["error"]["code"] == "payload_too_large"
+    assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] == 2
+
+
 def test_a_drifted_artifact_never_becomes_ready(artifact, tmp_path):
     """Weights perturbed after export, with the sha256 updated so the artifact loads: the golden check catches it."""
     drifted = drifted_copy(artifact, tmp_path / "drifted")
