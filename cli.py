@@ -241,12 +241,16 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
+    from neodeploy.export.quantize import DEFAULT_BLOCK
 
-    if args.block_size is not None and args.quantize != "int4":
-        raise UsageError("--block-size applies to --quantize int4 only (int8 is per channel); drop it or add "
-                         "--quantize int4")
+    for flag, value in (("--block-size", args.block_size), ("--head-bits", args.head_bits)):
+        if value is not None and args.quantize != "int4":
+            raise UsageError(f"{flag} applies to --quantize int4 only (int8 is per channel); drop it or add "
+                             "--quantize int4")
+    block_size = DEFAULT_BLOCK if args.block_size is None else args.block_size
+    head_bits = 8 if args.head_bits is None else args.head_bits
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite, quantize=args.quantize, block_size=args.block_size or 32, target=args.target,
+           overwrite=args.overwrite, quantize=args.quantize, block_size=block_size, head_bits=head_bits, target=args.target,
            logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"))
     return 0
 
@@ -621,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's max positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
-    p.add_argument("--block-size", type=int, help="int4 block size: 32 (default), 64 or 128")
+    p.add_argument("--block-size", type=int, help="int4 block size of the layers: 32, 64 (default) or 128")
+    p.add_argument("--head-bits", type=int, help="int4's lm_head: 8 (default, 8-bit) or 4")
     p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime) or cpu "
                    "(onnxruntime fusions, last-position logits only)")
     p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "

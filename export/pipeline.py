@@ -66,7 +66,8 @@ class Progress:
 
 
 def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, max_context: int | None,
-                  overwrite: bool, quantize: str | None = None, block_size: int = 32):
+                  overwrite: bool, quantize: str | None = None, block_size: int = quantization.DEFAULT_BLOCK,
+                  head_bits: int = 8):
     """Every argument error before any heavy work, so a bad request writes nothing."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is not supported; choose fp32 or fp16")
@@ -77,6 +78,8 @@ def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, m
             raise UsageError("--quantize applies to fp32 exports (weights are quantised from fp32); drop --precision fp16")
         if quantize == "int4" and block_size not in quantization.BLOCK_SIZES:
             raise UsageError(f"--block-size {block_size} is not supported; choose 32, 64 or 128")
+        if quantize == "int4" and head_bits not in quantization.HEAD_BITS:
+            raise UsageError(f"--head-bits {head_bits} is not supported; choose 8 or 4")
     if opset not in graph.SUPPORTED_OPSETS:
         raise UsageError(
             f"opset {opset} is not supported; choose {graph.SUPPORTED_OPSETS.start}..{graph.SUPPORTED_OPSETS.stop - 1} "
@@ -110,7 +113,8 @@ def export(
     max_context: int | None = None,
     overwrite: bool = False,
     quantize: str | None = None,
-    block_size: int = 32,
+    block_size: int = quantization.DEFAULT_BLOCK,
+    head_bits: int = 8,
     target: str = "portable",
     logits: str | None = None,
     echo: Callable[[str], None] = print,
@@ -130,7 +134,8 @@ def export(
         raise UsageError(f"--logits {logits!r} is not supported; choose all or last")
     if target == "cpu" and logits != "last":
         raise UsageError("--target cpu returns last-position logits only; drop --logits all, or export --target portable")
-    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size)
+    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size,
+                                     head_bits)
     memory.check(spec, max_memory, ExportError)  # said before any work, from the spec
     cpu = target == "cpu"
     # The fused attention and its in-place cache are fp32 (onnxruntime's CPU kernel ran slower in fp16): an fp16 CPU
@@ -170,7 +175,7 @@ def export(
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):
-                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size)
+                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size, head_bits)
                 echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)

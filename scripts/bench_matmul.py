@@ -28,8 +28,8 @@ SHAPES = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 4 * HIDDEN), (4 * HID
 CONFIGS = {
     "fp32": ("MatMul, fp32 weights", 4.0),
     "int8": ("DynamicQuantizeLinear + MatMulInteger, int8 per channel (--quantize int8)", 1.0),
-    "int4-b32": ("MatMulNBits int4 block 32, accuracy level 4 (--quantize int4, the default block)", 0.5 + 4 / 32),
-    "int4-b64": ("MatMulNBits int4 block 64, accuracy level 4 (--block-size 64)", 0.5 + 4 / 64),
+    "int4-b32": ("MatMulNBits int4 block 32, accuracy level 4 (--block-size 32)", 0.5 + 4 / 32),
+    "int4-b64": ("MatMulNBits int4 block 64, accuracy level 4 (--quantize int4, the default block)", 0.5 + 4 / 64),
     "int4-b128": ("MatMulNBits int4 block 128, accuracy level 4 (--block-size 128)", 0.5 + 4 / 128),
     "int4-b32-fp32act": ("MatMulNBits int4 block 32, accuracy level 1 (fp32 activations)", 0.5 + 4 / 32),
     "int8-nbits": ("MatMulNBits 8-bit block 32, accuracy level 4", 1.0 + 4 / 32),

@@ -35,7 +35,10 @@ def wide(tmp_path_factory):
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="samples RSS from /proc (Linux)")
 @pytest.mark.parametrize("flags", [[], ["--precision", "fp16"], ["--target", "cpu"],
-                                   ["--target", "cpu", "--quantize", "int8"], ["--target", "cpu", "--quantize", "int4"]],
+                                   ["--target", "cpu", "--quantize", "int8"],
+                                   # Blocks of 32: this random model (std 0.1, no structure for blocks to share)
+                                   # fails the int4 gate at the default 64; the memory is the same.
+                                   ["--target", "cpu", "--quantize", "int4", "--block-size", "32"]],
                          ids=["portable-fp32", "portable-fp16", "cpu-fp32", "cpu-int8", "cpu-int4"])
 def test_export_peak_memory_of_the_process_tree_stays_within_the_stated_bound(wide, tmp_path, flags):
     spec, ckpt = wide
