@@ -302,7 +302,8 @@ def weight_bytes_per_token(artifact: Path, manifest: Manifest) -> int:
 
 
 def graph_bytes_per_token(path: Path) -> int:
-    """Bytes of every initializer of an ONNX graph that a decode step reads: all but those only a Gather reads."""
+    """Bytes of every initializer of an ONNX graph that a decode step reads: all but those only a lookup (Gather,
+    or the quantised embedding's GatherBlockQuantized) reads, which touches one row per token."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -313,7 +314,7 @@ def graph_bytes_per_token(path: Path) -> int:
     total = 0
     for tensor in model.graph.initializer:
         ops = consumers.get(tensor.name, set())
-        if not ops or ops == {"Gather"}:
+        if not ops or ops <= {"Gather", "GatherBlockQuantized"}:
             continue
         external = {e.key: e.value for e in tensor.external_data}
         if "length" in external:

@@ -175,7 +175,8 @@ def export(
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):
-                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size, head_bits)
+                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size, head_bits,
+                                                  cpu or quantize == "int4")
                 echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)

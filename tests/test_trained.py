@@ -90,16 +90,22 @@ def test_quantized_exports_pass_their_accuracy_gates(trained, tmp_path, method):
         assert [(a["bits"], a["block_size"]) for a in nbits].count((4, 64)) == 2 * 4
         assert {a.name: a.i for a in head.attribute}["bits"] == 8
         assert manifest["quantization"]["head"] == {"bits": 8, "block_size": 32}
-    # The input embedding is a Gather and stays fp32; every quantised MatMul weight shrinks 4x (int8); int4's
-    # layers ~7x, its 8-bit head (most of this small model's weights) ~3.6x.
+    # Portable int8 keeps the input embedding an fp32 Gather (standard ONNX) and shrinks every MatMul weight 4x;
+    # int4 makes the embedding 8-bit (GatherBlockQuantized), its layers ~7x smaller and its 8-bit head (most of this
+    # small model's weights) ~3.6x: the whole model ~3.6x.
     fp32_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     embedding = manifest["spec"]["vocab_size"] * manifest["spec"]["hidden_size"] * 4
-    shrink = (fp32_bytes - embedding) / ((art / "model.onnx.data").stat().st_size - embedding)
-    assert shrink > 3.0
+    data = (art / "model.onnx.data").stat().st_size
+    if method == "int8":
+        assert "GatherBlockQuantized" not in ops and manifest["quantization"]["embedding"] is None
+        assert (fp32_bytes - embedding) / (data - embedding) > 3.0
+    else:
+        assert manifest["quantization"]["embedding"] == {"op": "GatherBlockQuantized", "bits": 8, "block_size": 32}
+        assert fp32_bytes / data > 3.3
     report = validate(load(art), ckpt, steps=24, echo=lambda s: None)
     assert report.passed, report.failures
     agreement = np.mean([s["top1"] for r in report.prompts for s in r.steps])
-    assert agreement >= 0.9
+    assert agreement >= (0.9 if method == "int8" else 0.85)  # int4 all-4-bit gave 0.81 on these 72 steps
     # A flip needs the two logits to move by the reference's margin between them together: each miss's margin is
     # at most twice that step's largest logit error (proves the reported margins are the reference's top-2 gap).
     steps = [s for r in report.prompts for s in r.steps]
