@@ -241,16 +241,14 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
-    from neodeploy.export.quantize import DEFAULT_BLOCK
 
-    for flag, value in (("--block-size", args.block_size), ("--head-bits", args.head_bits)):
-        if value is not None and args.quantize != "int4":
-            raise UsageError(f"{flag} applies to --quantize int4 only (int8 is per channel); drop it or add "
-                             "--quantize int4")
-    block_size = DEFAULT_BLOCK if args.block_size is None else args.block_size
-    head_bits = 8 if args.head_bits is None else args.head_bits
+    int4 = {name: value for name, value in (("block_size", args.block_size), ("head_bits", args.head_bits))
+            if value is not None}  # what the user gave; export's defaults for the rest
+    if int4 and args.quantize != "int4":
+        flag = "--" + next(iter(int4)).replace("_", "-")
+        raise UsageError(f"{flag} applies to --quantize int4 only (int8 is per channel); drop it or add --quantize int4")
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite, quantize=args.quantize, block_size=block_size, head_bits=head_bits, target=args.target,
+           overwrite=args.overwrite, quantize=args.quantize, target=args.target, **int4,
            logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"))
     return 0
 

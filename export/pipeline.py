@@ -67,7 +67,7 @@ class Progress:
 
 def check_request(checkpoint: Path, out_dir: Path, precision: str, opset: int, max_context: int | None,
                   overwrite: bool, quantize: str | None = None, block_size: int = quantization.DEFAULT_BLOCK,
-                  head_bits: int = 8):
+                  head_bits: int = quantization.DEFAULT_HEAD_BITS):
     """Every argument error before any heavy work, so a bad request writes nothing."""
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is not supported; choose fp32 or fp16")
@@ -114,7 +114,7 @@ def export(
     overwrite: bool = False,
     quantize: str | None = None,
     block_size: int = quantization.DEFAULT_BLOCK,
-    head_bits: int = 8,
+    head_bits: int = quantization.DEFAULT_HEAD_BITS,
     target: str = "portable",
     logits: str | None = None,
     echo: Callable[[str], None] = print,
@@ -134,8 +134,8 @@ def export(
         raise UsageError(f"--logits {logits!r} is not supported; choose all or last")
     if target == "cpu" and logits != "last":
         raise UsageError("--target cpu returns last-position logits only; drop --logits all, or export --target portable")
-    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize, block_size,
-                                     head_bits)
+    spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize,
+                                      block_size, head_bits)
     memory.check(spec, max_memory, ExportError)  # said before any work, from the spec
     cpu = target == "cpu"
     # The fused attention and its in-place cache are fp32 (onnxruntime's CPU kernel ran slower in fp16): an fp16 CPU
@@ -175,8 +175,8 @@ def export(
         quant_entry = None
         if quantize:
             with progress.stage("quantize", f"{quantize} weights with onnxruntime.quantization"):
-                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size, head_bits,
-                                                  cpu or quantize == "int4")
+                quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size,
+                                                  head_bits, cpu or quantize == "int4")
                 echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)

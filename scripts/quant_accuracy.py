@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    from neodeploy.validate import _log_softmax, _perplexity
+
     targets = np.array(ids[1:])
-    return float(np.exp(-np.take_along_axis(log_softmax(logits[:-1]), targets[:, None], -1).mean()))
+    return _perplexity(np.take_along_axis(_log_softmax(logits[:-1]), targets[:, None], -1)[:, 0])
 
 
 def runner(system: str, threads: int):
@@ -67,7 +64,7 @@ def main() -> None:
     from neodeploy.reference.checkpoint import load_checkpoint
     from neodeploy.reference.generate import greedy_generate
     from neodeploy.runtime.tokenizer import Tokenizer
-    from neodeploy.validate import PERPLEXITY_TEXT
+    from neodeploy.validate import PERPLEXITY_TEXT, _log_softmax
 
     reference, tokenizer = load_checkpoint(args.checkpoint), Tokenizer.from_dir(args.checkpoint)
     cases = []
@@ -89,7 +86,7 @@ def main() -> None:
         for ids, tokens, ref_logits in cases:
             logits = forced(ids, tokens)
             top1 += list(logits.argmax(-1) == ref_logits.argmax(-1))
-            ref, ours = log_softmax(ref_logits), log_softmax(logits)
+            ref, ours = _log_softmax(ref_logits), _log_softmax(logits)
             kl += list((np.exp(ref) * (ref - ours)).sum(-1))
         ratio = perplexity(every(text), text) / reference_ppl
         print(f"{system:44s} {np.mean(top1):7.1%} {np.mean(kl):9.4f} {ratio:10.4f}", flush=True)
