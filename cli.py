@@ -246,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             if value is not None}  # what the user gave; export's defaults for the rest
     if int4 and args.quantize != "int4":
         flag = "--" + next(iter(int4)).replace("_", "-")
-        raise UsageError(f"{flag} applies to --quantize int4 only (int8 is per channel); drop it or add --quantize int4")
+        raise UsageError(f"{flag} applies to --quantize int4 only; drop it or add --quantize int4")
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
            overwrite=args.overwrite, quantize=args.quantize, target=args.target, **int4,
            logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"))

@@ -402,10 +402,13 @@ def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_le
 
     state.on_failure = stop
     # Bound here, before saying so: uvicorn binds inside run(), logs a taken port and exits 3 after our line.
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.create_server((host, port), family=family)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
     except OSError as exc:
+        listener.close()
         raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port, or a --host "
                          "this machine has") from exc
     print(f"neodeploy serve: listening on http://{host}:{port} (model {options.name!r}, loading {options.artifact})",
