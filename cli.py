@@ -326,13 +326,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     parse_kv_budget(args.kv_budget, manifest)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    if not 0 <= args.grace_period < float("inf"):
-        raise UsageError(f"--grace-period must be a number of seconds >= 0, got {args.grace_period}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
                           prefill_chunk=args.prefill_chunk)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
     options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
-                           config, args.skip_check, args.backend, args.grace_period)
+                           config, args.skip_check, args.backend, args.grace_period,
+                           allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts else None,
+                           cors_origins=tuple(o for o in (args.cors_origin or []) if o),
+                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                           max_connections=args.max_connections)  # checks the numbers, with the option's name
     if args.ray:
         from neodeploy.serve import ray as ray_serve
 
@@ -666,6 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--allowed-hosts", help="comma-separated Host names served (default: loopback names when bound to "
+                   "loopback, any otherwise)")
+    p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable; "
+                   "default: none, CORS off)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (default 30)")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections before 503 (default 1024)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="default: onnxruntime")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each run their own engine")
     p.add_argument("--replicas", type=int, help="with --ray: replicas across the cluster (default 1)")

@@ -254,11 +254,18 @@ class Engine:
             self._lock.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive() and cancel:
-            with self._lock:
-                for entry in [*self._running, *self._prefilling, *self._waiting]:
-                    self._cancelled.add(entry.handle.id)
-                self._lock.notify_all()
+            self.cancel_all()
             self._thread.join()
+
+    def cancel_all(self) -> tuple[int, int]:
+        """Cancel every request in flight (each ends as 'cancelled' at the next step boundary); returns how many were
+        (running, waiting) then. A server's drain calls it when the grace period is over."""
+        with self._lock:
+            started = [*self._running, *self._prefilling]
+            for entry in [*started, *self._waiting]:
+                self._cancelled.add(entry.handle.id)
+            self._lock.notify_all()
+            return len(started), len(self._waiting)
 
     def _cancel(self, handle: Handle) -> None:
         with self._lock:

@@ -46,7 +46,12 @@ class SamplingParams:
 
     def check(self) -> None:
         def number(value) -> bool:
-            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+            if not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+                return False
+            try:
+                return math.isfinite(value)
+            except OverflowError:  # an integer too large for a float (10**400) is no usable value either
+                return False
 
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
@@ -77,7 +82,12 @@ def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> n
         for row, seen in enumerate(history):
             ids = np.unique(np.asarray(seen, dtype=np.int64))
             values = logits[row, ids]
-            logits[row, ids] = np.where(values > 0, values / penalty, values * penalty)
+            with np.errstate(over="ignore"):
+                scaled = np.where(values > 0, values / penalty, values * penalty)
+            # A penalty near 0 or huge overflows a finite logit (30 / 5e-324): saturate it, as the limit it means;
+            # a logit that was not finite stays as it was, for the model-output check to see.
+            limit = np.finfo(np.float64).max
+            logits[row, ids] = np.where(np.isfinite(values), np.clip(scaled, -limit, limit), values)
     return logits
 
 

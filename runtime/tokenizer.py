@@ -79,7 +79,9 @@ class Tokenizer:
         except UnicodeEncodeError as exc:  # tokenizers' own error for it is a TypeError about its types
             raise UsageError(f"the prompt is not valid text (a lone surrogate, or a byte that is not UTF-8, at "
                              f"character {exc.start}); pass UTF-8 text") from exc
-        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch releases the GIL and encode does not: a long prompt tokenised in a worker thread (the server
+        # does) leaves the other threads, the event loop among them, running (3 MB: 2.7 s frozen vs none).
+        return list(self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,21 +1,19 @@
-"""The OpenAI-compatible ASGI app: a thin adapter over the engine (parse, map errors, stream).
+"""The OpenAI-compatible ASGI app: options, the server's state, the gate in front, the error map, the route table.
 
 The model loads, and the golden check runs, in a thread after the server starts listening, so `/health` says
 "loading" (503) until the artifact is ready, and never "ready" when the check fails on this machine. Model
-steps run in the engine's thread; the event loop only awaits tokens.
+steps run in the engine's thread, tokenising in worker threads; the event loop only parses, routes and streams.
+The handlers live in `serve/handlers.py`, the JSON shapes in `serve/protocol.py`, the process in `serve/server.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import hmac
-import json
+import logging
+import math
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,16 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
-from neodeploy.runtime.engine import Engine, EngineConfig
+from neodeploy.runtime.engine import EngineConfig
 from neodeploy.serve.chat import ChatTemplate, read_chat_template
 from neodeploy.serve.metrics import Metrics
-from neodeploy.serve.protocol import BadRequest, GenerationRequest, parse_chat, parse_completion
+from neodeploy.serve.protocol import error_body
 
 RETRY_AFTER_S = 1
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# Routes open without the API key (probes, scrapers, the API's description); every other path needs it, so a
+# route added later is closed by default.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})
+log = logging.getLogger("neodeploy.serve")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,23 @@ class ServeOptions:
     grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
     threads: int | None = None  # onnxruntime intra-op threads (default: onnxruntime's, all cores)
     replica: str | None = None  # sent back as X-Neodeploy-Replica (Ray sets it per replica)
+    allowed_hosts: tuple[str, ...] | None = None  # Host names served (None: any; `run` defaults loopback to loopback)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (none: CORS off)
+    header_timeout: float = 10.0  # seconds a connection gets to send a request's headers
+    body_timeout: float = 30.0  # seconds a request gets to send its whole body
+    max_connections: int = 1024  # open connections; past it a new one gets a 503 and is closed
+
+    def __post_init__(self) -> None:
+        for name in ("grace_period", "header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    value < 0 or (value == 0 and name != "grace_period"):
+                low = ">= 0" if name == "grace_period" else "> 0"
+                raise UsageError(f"--{name.replace('_', '-')} must be a number of seconds {low}, got {value!r}")
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int) or self.max_connections < 1:
+            raise UsageError(f"--max-connections must be a positive integer, got {self.max_connections!r}")
+        if self.allowed_hosts is not None:
+            object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower() for h in self.allowed_hosts if h.strip()))
 
     @property
     def name(self) -> str:
@@ -56,7 +77,8 @@ class ServerState:
     def __init__(self, options: ServeOptions):
         self.options = options
         self.status = "loading"  # loading | ready | failed | draining
-        self.error: str | None = None
+        self.error: str | None = None  # the whole reason, for the log
+        self.public_error: str | None = None  # what unauthenticated probes see: no paths, no internals
         self.exit_code = 0
         self.model = self.engine = self.chat = None
         self.check: dict[str, Any] | None = None
@@ -67,6 +89,7 @@ class ServerState:
     def load(self) -> None:
         from neodeploy.runtime import load
         from neodeploy.runtime.check import run_check
+        from neodeploy.runtime.engine import Engine
 
         options = self.options
         try:
@@ -103,243 +126,13 @@ class ServerState:
 
     def _fail(self, message: str, code: int) -> None:
         self.status, self.error, self.exit_code = "failed", message, code
+        self.public_error = ("the golden check failed on this machine" if code == 1 else "the model failed to load") + \
+            "; the server's log says why"
         print(f"neodeploy: error: {message}", file=sys.stderr, flush=True)
         self.on_failure()
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
-                        headers=headers)
-
-
-def create_app(options: ServeOptions, state: ServerState | None = None) -> FastAPI:
-    state = state or ServerState(options)
-
-    async def lifespan(app):
-        if state.status == "loading":  # not already loaded by the caller (Ray replicas load before they join)
-            threading.Thread(target=state.load, name="neodeploy-load", daemon=True).start()
-        yield
-        if state.engine is not None:
-            await asyncio.to_thread(state.engine.close, options.grace_period)
-
-    app = FastAPI(title="neodeploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.neodeploy = state
-
-    replica = options.replica or f"{socket.gethostname()}:{os.getpid()}"
-
-    @app.middleware("http")
-    async def tag(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Neodeploy-Replica"] = replica  # which replica served it: see the spread behind a proxy
-        return response
-
-    @app.middleware("http")
-    async def gate(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            if options.api_key:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-                    return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                          "invalid_request_error", code="invalid_api_key")
-            if state.status != "ready":
-                state.metrics.rejected("unavailable")
-                what = {"loading": "the model is still loading", "draining": "the server is shutting down"}.get(
-                    state.status, f"the model failed to load: {state.error}")
-                return error_response(503, f"{what}; retry later", "service_unavailable", code=state.status,
-                                      headers={"Retry-After": str(RETRY_AFTER_S)})
-        return await call_next(request)
-
-    @app.exception_handler(NeodeployError)
-    async def on_error(request: Request, exc: NeodeployError):
-        if isinstance(exc, OverloadedError):
-            state.metrics.rejected("overloaded")
-            return error_response(429, str(exc), "rate_limit_exceeded", code="overloaded",
-                                  headers={"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(exc, ClosedError):
-            state.metrics.rejected("unavailable")
-            return error_response(503, str(exc), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(exc, ModelNotFound):
-            return error_response(404, str(exc), "invalid_request_error", "model", "model_not_found")
-        if isinstance(exc, PayloadTooLarge):
-            return error_response(413, str(exc), "invalid_request_error", code="payload_too_large")
-        state.metrics.rejected("invalid")
-        if isinstance(exc, UsageError):
-            return error_response(400, str(exc), "invalid_request_error", getattr(exc, "param", None))
-        return error_response(500, str(exc), "server_error")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: JSON too
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind,
-                              code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
-                              headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception):  # a failed generation or a bug: still JSON, never HTML
-        return error_response(500, str(exc) or type(exc).__name__, "server_error")
-
-    @app.get("/health")
-    async def health():
-        body = {"status": state.status, "model": options.name, "check": state.check}
-        if state.error:
-            body["error"] = state.error
-        if state.engine is not None:
-            body.update(running=state.engine.running, waiting=state.engine.waiting)
-        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": options.name, "object": "model", "created": state.created,
-                                            "owned_by": "neodeploy", "max_model_len": state.engine.capacity}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await _generate(request, parse_completion(await _json(request)))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = parse_chat(await _json(request))
-        _served(req)  # another model is a 404 before anything about this one's template
-        if state.chat is None:
-            raise BadRequest("this artifact's tokenizer ships no chat template; use /v1/completions", "messages")
-        prompt = state.chat.render(req.messages)
-        return await _generate(request, dataclasses.replace(req, prompts=[prompt]))
-
-    def _served(req: GenerationRequest) -> None:
-        if req.model != options.name:
-            raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {options.name!r}")
-
-    async def _generate(request: Request, req: GenerationRequest):
-        _served(req)
-        engine, model = state.engine, state.model
-        for p in req.prompts:
-            # No token is longer than the vocabulary's longest entry (x2 for normalisers that compose characters),
-            # so text beyond that many characters per token of context cannot fit: refused before the tokenizer
-            # spends seconds on it (10 MB took 13 s, and every other client waited; the bound is ~2 s of it at 2048 tokens).
-            if isinstance(p, str) and model.tokenizer and len(p) > 2 * engine.capacity * model.tokenizer.longest_token:
-                raise BadRequest(f"the prompt ({len(p)} characters) is far longer than the context of "
-                                 f"{engine.capacity} tokens; shorten it", "prompt")
-        encoded = [model.encode(p) for p in req.prompts]  # tokenizers holds the GIL: a thread would not help
-        if req.kind == "chat" and not req.max_tokens_given:
-            room = engine.capacity - len(encoded[0])
-            if room < 1:
-                raise BadRequest(f"the prompt ({len(encoded[0])} tokens) fills the context of {engine.capacity} "
-                                 "tokens; shorten the conversation", "messages")
-            req = dataclasses.replace(req, params=dataclasses.replace(req.params, max_new_tokens=room))
-        handles = []
-        try:
-            for ids in encoded:
-                for j in range(req.n):
-                    params = req.params
-                    if params.seed is not None and j:
-                        params = dataclasses.replace(params, seed=params.seed + j)
-                    handles.append(engine.submit(ids, params))
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
-        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        if req.stream:
-            return StreamingResponse(_stream(req, rid, encoded, handles), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(request, req, rid, encoded, handles)
-
-    async def _complete(request, req, rid, encoded, handles):
-        waiter = asyncio.ensure_future(asyncio.gather(*(_drain(h) for h in handles)))
-        try:
-            while not waiter.done():
-                done, _ = await asyncio.wait({waiter}, timeout=0.25)
-                if not done and await request.is_disconnected():
-                    raise asyncio.CancelledError
-            results = waiter.result()
-        finally:
-            if not waiter.done():
-                waiter.cancel()
-            for h in handles:
-                h.cancel()  # a no-op for finished requests; frees the slots of a client that went away
-        choices = []
-        for index, (handle, generation) in enumerate(zip(handles, results)):
-            prompt_text = state.model.decode(handle.prompt_ids) if req.echo else ""
-            choices.append(_choice(req, index, prompt_text + generation.text, _finish(generation.finish_reason),
-                                   generation.logprobs, generation.output_ids))
-        body = {"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": options.name, "choices": choices,
-                "usage": _usage(encoded, results)}
-        return JSONResponse(body)
-
-    async def _drain(handle):
-        async for _ in handle:
-            pass
-        return handle.result(0)
-
-    async def _stream(req, rid, encoded, handles):
-        kind = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-        created = int(time.time())
-
-        def chunk(choices, usage=None):
-            body = {"id": rid, "object": kind, "created": created, "model": options.name, "choices": choices}
-            if req.include_usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        try:
-            for index, handle in enumerate(handles):
-                if req.kind == "chat":
-                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                elif req.echo:
-                    yield chunk([_choice(req, index, state.model.decode(handle.prompt_ids), None, [], [])])
-                async for delta in handle:
-                    samples = [delta.sample] if req.logprobs is not None and delta.kept else []
-                    finish = _finish(delta.finish_reason) if delta.finish_reason else None
-                    if delta.text or delta.kept or finish:  # one chunk per token, even while its text is held back
-                        yield chunk([_choice(req, index, delta.text, finish, samples,
-                                             [delta.token] if samples else [], streaming=True)])
-            if req.include_usage:
-                yield chunk([], _usage(encoded, [h.result(0) for h in handles]))
-            yield "data: [DONE]\n\n"
-        except NeodeployError as exc:  # a request that failed mid-stream: say so in the stream, then end it
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-        finally:
-            for h in handles:
-                h.cancel()  # the client went away (or we are done): free the slots
-
-    def _choice(req, index, text, finish, samples, token_ids, streaming=False):
-        if req.kind == "chat":
-            content = {"role": "assistant", "content": text} if not streaming else ({"content": text} if text else {})
-            choice = {"index": index, ("delta" if streaming else "message"): content, "finish_reason": finish,
-                      "logprobs": _chat_logprobs(samples) if req.logprobs is not None else None}
-            return choice
-        return {"index": index, "text": text, "finish_reason": finish,
-                "logprobs": _completion_logprobs(samples) if req.logprobs is not None else None}
-
-    def _token(i: int) -> str:
-        return state.model.decode([i]) if state.model.tokenizer else str(i)
-
-    def _completion_logprobs(samples):
-        tokens = [_token(s.token) for s in samples]
-        offsets, at = [], 0
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
-        return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
-                "top_logprobs": [{_token(i): lp for i, lp in s.top} for s in samples], "text_offset": offsets}
-
-    def _chat_logprobs(samples):
-        def entry(i, lp):
-            t = _token(i)
-            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
-
-        return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(i, lp) for i, lp in s.top]}
-                            for s in samples]}
-
-    return app
-
+# ---------------------------------------------------------------------------------------------- errors -> HTTP
 
 class ModelNotFound(UsageError):
     """The request names a model this server does not serve (404)."""
@@ -349,69 +142,196 @@ class PayloadTooLarge(UsageError):
     """The request body is over MAX_BODY (413)."""
 
 
-def _finish(reason: str) -> str:
-    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+class RequestTimeout(UsageError):
+    """The request body did not arrive within the body timeout (408)."""
 
 
-def _usage(encoded, results) -> dict:
-    prompt = sum(len(e) for e in encoded)
-    completion = sum(len(g.output_ids) for g in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str | None
+    outcome: str | None  # neodeploy_requests_total{outcome="rejected_<outcome>"}; None: the engine counted it
+
+    def response(self, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+        if self.status in (429, 503):
+            headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
+        if self.status in (408, 413):  # the rest of the body is not read: this connection cannot carry another request
+            headers = {"Connection": "close", **(headers or {})}
+        return JSONResponse(error_body(message, self.type, param, self.code), status_code=self.status, headers=headers)
 
 
-MAX_BODY = 16 * 2**20  # 64 prompts of a 2048-token context as text or ids are under 1 MB
+# The one map from an exception to a status: first match wins (subclasses before their bases).
+ERRORS: tuple[tuple[type[BaseException], ErrorKind], ...] = (
+    (OverloadedError, ErrorKind(429, "rate_limit_exceeded", "overloaded", "overloaded")),
+    (ClosedError, ErrorKind(503, "service_unavailable", "draining", "unavailable")),
+    (ModelNotFound, ErrorKind(404, "invalid_request_error", "model_not_found", "not_found")),
+    (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "payload_too_large", "too_large")),
+    (RequestTimeout, ErrorKind(408, "invalid_request_error", "request_timeout", "timeout")),
+    (UsageError, ErrorKind(400, "invalid_request_error", None, "invalid")),  # BadRequest, TemplateError, TokenizerError
+    (NeodeployError, ErrorKind(500, "server_error", None, None)),  # ModelOutputError: a broken artifact, said so
+)
+UNAUTHORIZED = ErrorKind(401, "invalid_request_error", "invalid_api_key", "unauthorized")
+BAD_HOST = ErrorKind(400, "invalid_request_error", "invalid_host", "invalid")
+MEDIA_TYPE = ErrorKind(415, "invalid_request_error", "unsupported_media_type", "invalid")
+UNAVAILABLE = ERRORS[1][1]
+INTERNAL = ErrorKind(500, "server_error", "internal_error", None)
 
 
-async def _json(request: Request) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise PayloadTooLarge(f"the request body ({int(declared)} bytes) is over {MAX_BODY} bytes; send less")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise PayloadTooLarge(f"the request body is over {MAX_BODY} bytes; send less")
+def error_response(state: ServerState, exc: BaseException) -> JSONResponse:
+    """The response for any exception a handler raises, counted in the metrics. A bug's text stays in the log: the
+    client gets a request id to quote."""
+    for kind, error in ERRORS:
+        if isinstance(exc, kind):
+            state.metrics.rejected(error.outcome)
+            return error.response(str(exc), getattr(exc, "param", None))
+    return internal_error(state, exc)
+
+
+def internal_error(state: ServerState, exc: BaseException) -> JSONResponse:
+    request_id = uuid.uuid4().hex[:12]
+    log.error("request %s failed", request_id, exc_info=exc)
+    return INTERNAL.response(f"internal error (request {request_id}); the server's log has the details")
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+
+class Guard:
+    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware hides a client's disconnect from the handlers), reading
+    only the raw ASGI scope (`request.url` is rebuilt from the Host header on older Starlette: a `Host: x/y` once
+    moved the path past the key check). In order: the Host name (DNS rebinding), the API key, readiness, the
+    Content-Type of a POST (a cross-site "simple" text/plain POST needs no preflight). Tags every response with
+    the replica that served it."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        self.replica = (state.options.replica or f"{socket.gethostname()}:{os.getpid()}").encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-neodeploy-replica", self.replica)]}
+            await send(message)
+
+        refusal = self.refusal(scope)
+        if refusal is None:
+            return await self.app(scope, receive, tagged)
+        kind, message = refusal
+        self.state.metrics.rejected(kind.outcome)
+        await kind.response(message)(scope, receive, tagged)
+
+    def refusal(self, scope) -> tuple[ErrorKind, str] | None:
+        options, state = self.state.options, self.state
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        host = _host_name(headers.get(b"host", b"").decode("latin-1"))
+        if options.allowed_hosts is not None and host not in options.allowed_hosts:
+            return BAD_HOST, (f"Host {host!r} is not a name this server answers to; start it with --allowed-hosts "
+                              f"{host or 'NAME'} to serve it")
+        path = scope["path"]
+        if path in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return None
+        if options.api_key and not _key_matches(headers.get(b"authorization", b""), options.api_key):
+            return UNAUTHORIZED, "missing or wrong API key: send 'Authorization: Bearer KEY'"
+        if state.status != "ready":
+            what = {"loading": "the model is still loading", "draining": "the server is shutting down"}.get(
+                state.status, state.public_error or "the model failed to load")
+            return UNAVAILABLE, f"{what}; retry later"
+        if scope["method"] == "POST":
+            media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media != b"application/json":
+                return MEDIA_TYPE, f"send the body as JSON with 'Content-Type: application/json' (got {media.decode('latin-1')!r})"
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header without its port: 'a:8000' -> 'a', '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _key_matches(header: bytes, key: str) -> bool:
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 7235); compared in constant time."""
+    scheme, _, token = header.decode("latin-1").strip().partition(" ")
+    return hmac.compare_digest(token.strip().encode() if scheme.lower() == "bearer" else b"", key.encode())
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+def create_app(options: ServeOptions, state: ServerState | None = None) -> FastAPI:
+    """One ASGI app for both deployments (uvicorn here, Ray Serve's proxy there)."""
+    import asyncio
+    import threading
+
+    from neodeploy.serve import handlers, schema
+
+    state = state or ServerState(options)
+
+    async def lifespan(app):
+        if state.status == "loading":  # not already loaded by the caller (Ray replicas load before they join)
+            threading.Thread(target=state.load, name="neodeploy-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.close, options.grace_period)
+
+    app = FastAPI(title="neodeploy", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="OpenAI-compatible completions and chat completions over one exported model.")
+    app.state.neodeploy = state
+    for method, path, handler, response_model in handlers.ROUTES:
+        errors = {"4XX": {"model": schema.ErrorResponse}, "5XX": {"model": schema.ErrorResponse}}
+        app.add_api_route(path, handlers.endpoint(handler, state), methods=[method], response_model=None,
+                          responses={200: {"model": response_model}, **errors} if response_model else errors,
+                          summary=(handler.__doc__ or "").strip().splitlines()[0] or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: JSON too
+        kind = ErrorKind(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error",
+                         {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
+                         {404: "not_found"}.get(exc.status_code, "invalid"))
+        state.metrics.rejected(kind.outcome)
+        return kind.response(f"{request.method} {request.scope['path']}: {exc.detail}", headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):  # only what escaped the handlers' own wrapper
+        return internal_error(state, exc)
+
+    app.openapi = lambda: _openapi(app)
+    app.add_middleware(Guard, state=state)
+    if options.cors_origins:  # outermost: a browser's preflight is answered before the key is asked for
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document with the request bodies our parser reads (the handlers take the raw request, so that a
+    wrong field gets OpenAI's error shape, not FastAPI's 422)."""
+    from neodeploy.serve.schema import REQUEST_MODELS
+
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_MODELS.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+            doc["paths"][path]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON ({exc})") from exc
-
-
-def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
-    """Serve until SIGTERM / Ctrl-C (drain: stop accepting, give in-flight requests the grace period, exit 0), or
-    until loading fails (exit 2) or the golden check fails (exit 1)."""
-    import uvicorn
-
-    state = ServerState(options)
-    app = create_app(options, state)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if state.status == "ready":
-                state.status = "draining"
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises a captured signal after its graceful shutdown (the process would die of SIGTERM):
-            # a drain that completed is a clean exit, status 0.
-            if sig == signal.SIGTERM:
-                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
-
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=options.grace_period,
-                            access_log=False, lifespan="on")
-    server = Server(config)
-
-    def stop():
-        server.should_exit = True
-
-    state.on_failure = stop
-    # Bound here, before saying so: uvicorn binds inside run(), logs a taken port and exits 3 after our line.
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(2048)
-    except OSError as exc:
-        listener.close()
-        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port, or a --host "
-                         "this machine has") from exc
-    print(f"neodeploy serve: listening on http://{host}:{port} (model {options.name!r}, loading {options.artifact})",
-          file=sys.stderr, flush=True)
-    server.run(sockets=[listener])
-    return state.exit_code
+        return version("neodeploy")
+    except PackageNotFoundError:
+        return "0"

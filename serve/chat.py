@@ -45,7 +45,6 @@ class ChatTemplate:
         except JinjaError as exc:
             raise UsageError(f"the artifact's chat template does not parse ({exc}); fix tokenizer_config.json") from exc
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
-        self._error = JinjaError
 
     def render(self, messages: list[dict]) -> str:
         try:
@@ -53,5 +52,7 @@ class ChatTemplate:
                                         eos_token=self.eos_token)
         except TemplateError:
             raise
-        except self._error as exc:
-            raise TemplateError(f"the chat template failed on these messages: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the template is data: its sandbox's OverflowError, a TypeError on a
+            # message it does not expect, Jinja's own errors: each is this request's 400, never a 500
+            raise TemplateError(f"the chat template failed on these messages: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -20,7 +20,7 @@ class Metrics(EngineObserver):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("neodeploy_requests", "Finished requests by outcome (stop, length, cancelled, error, "
-                                "rejected_overloaded, rejected_invalid, rejected_unavailable)", ["outcome"], registry=r)
+                                "rejected_ + invalid, unauthorized, not_found, too_large, timeout, overloaded, unavailable)", ["outcome"], registry=r)
         self.prompt_tokens = Counter("neodeploy_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generated_tokens = Counter("neodeploy_generation_tokens", "Generated tokens", registry=r)
         self.running = Gauge("neodeploy_running_requests", "Sequences being prefilled or decoded", registry=r)
@@ -57,7 +57,9 @@ class Metrics(EngineObserver):
         for m in self.mirrors:
             m.finished(handle, reason)
 
-    def rejected(self, why: str) -> None:
+    def rejected(self, why: str | None) -> None:
+        if why is None:
+            return
         self.requests.labels(f"rejected_{why}").inc()
         for m in self.mirrors:
             m.finished(None, f"rejected_{why}")

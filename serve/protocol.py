@@ -6,12 +6,14 @@ A field we do not implement is refused by name (400), never silently ignored: a 
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from neodeploy.errors import UsageError
-from neodeploy.runtime.sampling import MAX_LOGPROBS, SamplingParams
+from neodeploy.runtime.sampling import MAX_LOGPROBS, Sample, SamplingParams
 
 
 class BadRequest(UsageError):
@@ -53,12 +55,25 @@ def _number(body: dict, name: str, default: float, low: float, high: float | Non
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"{name} must be a number, got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise BadRequest(f"{name} must be a finite number, got {_short(value)}", name)
     if value < low or (low_open and value == low) or (high is not None and value > high):
         span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high is not None else f">{'' if low_open else '='} {low:g}"
-        raise BadRequest(f"{name} must be in {span}, got {value!r}", name)
+        raise BadRequest(f"{name} must be in {span}, got {_short(value)}", name)
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float: 1e999 written out
+        return False
+
+
+def _short(value: Any) -> str:
+    """A client's value in a message, cut to a readable length (a 10**400 integer is 400 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
@@ -66,9 +81,9 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int | N
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {value!r}", name)
+        raise BadRequest(f"{name} must be an integer, got {_short(value)}", name)
     if value < low or (high is not None and value > high):
-        raise BadRequest(f"{name} must be {'in ' + str(low) + '..' + str(high) if high is not None else '>= ' + str(low)}, got {value}", name)
+        raise BadRequest(f"{name} must be {'in ' + str(low) + '..' + str(high) if high is not None else '>= ' + str(low)}, got {_short(value)}", name)
     return value
 
 
@@ -173,3 +188,85 @@ def parse_chat(body: Any) -> GenerationRequest:
     params, n, stream, include_usage = _common(body, max_tokens, logprobs)
     return GenerationRequest("chat", body["model"], [], params, n, stream, include_usage, False, logprobs,
                              messages=messages, max_tokens_given=max_tokens is not None)
+
+
+# ----------------------------------------------------------------------------------------------------- responses
+# Pure functions from what the engine produced to OpenAI's JSON shapes. `token_text(id) -> str` spells one token.
+
+TokenText = Callable[[int], str]
+
+
+def finish_reason(reason: str) -> str:
+    """The engine's reason in OpenAI's words: eos and stop strings are both "stop"; "cancelled" stays itself."""
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
+
+
+def usage(prompt_lengths: list[int], outputs: list[list[int]]) -> dict:
+    """Each prompt counted once (n choices share it) and every generated token (a stop token is not output)."""
+    prompt, completion = sum(prompt_lengths), sum(len(o) for o in outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_logprobs(samples: list[Sample], token_text: TokenText) -> dict:
+    tokens = [token_text(s.token) for s in samples]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": [s.logprob for s in samples],
+            "top_logprobs": [{token_text(i): lp for i, lp in s.top} for s in samples], "text_offset": offsets}
+
+
+def chat_logprobs(samples: list[Sample], token_text: TokenText) -> dict:
+    def entry(i: int, lp: float | None) -> dict:
+        t = token_text(i)
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+    return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(i, lp) for i, lp in s.top]}
+                        for s in samples]}
+
+
+def choice(req: GenerationRequest, index: int, text: str, finish: str | None, samples: list[Sample],
+           token_text: TokenText, streaming: bool = False) -> dict:
+    """One entry of `choices`: a message (chat), a delta (chat stream) or a text (completions)."""
+    if req.kind == "chat":
+        if streaming:
+            content = {"content": text} if text else {}
+        else:
+            content = {"role": "assistant", "content": text}
+        return {"index": index, ("delta" if streaming else "message"): content, "finish_reason": finish,
+                "logprobs": chat_logprobs(samples, token_text) if req.logprobs is not None else None}
+    return {"index": index, "text": text, "finish_reason": finish,
+            "logprobs": completion_logprobs(samples, token_text) if req.logprobs is not None else None}
+
+
+def response_body(req: GenerationRequest, rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    return {"id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion", "created": created,
+            "model": model, "choices": choices, "usage": usage_}
+
+
+def chunk_event(req: GenerationRequest, rid: str, created: int, model: str, choices: list[dict],
+                usage_: dict | None = None) -> str:
+    """One server-sent event of a stream; `usage` appears on every chunk once asked for (null until the last)."""
+    body = {"id": rid, "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
+            "created": created, "model": model, "choices": choices}
+    if req.include_usage:
+        body["usage"] = usage_
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def role_chunk(index: int) -> dict:
+    """A chat stream's first choice delta for each choice: the role, no content yet (as OpenAI sends it)."""
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_event(message: str, kind: str = "server_error") -> str:
+    """A stream that fails after it started says so in the stream (its status line went out with the first token)."""
+    return f"data: {json.dumps(error_body(message, kind))}\n\n"

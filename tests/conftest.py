@@ -175,3 +175,73 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------ the served artifact (tests/test_serve*.py)
+
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def serve_artifact(tmp_path_factory):
+    """A tiny GPT-NeoX with the real GPT-NeoX-20B tokenizer and a chat template, 2048 positions so long streams
+    take seconds; exported once for every server test."""
+    import json
+    import shutil
+
+    from neodeploy.export import export
+    from neodeploy.reference import make_checkpoint
+
+    root = tmp_path_factory.mktemp("serve")
+    tok = root / "tokenizer"
+    tok.mkdir()
+    shutil.copy(tokenizer_dir("gpt-neox-20b") / "tokenizer.json", tok / "tokenizer.json")
+    (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|endoftext|>",
+                                                           "tokenizer_class": "PreTrainedTokenizerFast"}))
+    spec = tiny_neox(vocab_size=50304, max_positions=2048)
+    ckpt = make_checkpoint(spec, root / "ckpt", seed=11, init_std=0.1, tokenizer_dir=tok)
+    return export(ckpt, root / "art", target="cpu", echo=lambda s: None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact, key, *flags):
+    """`neodeploy serve ARTIFACT` as a subprocess on a free loopback port, model name "tiny", API key `key`."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "NEODEPLOY_API_KEY": key}
+    proc = subprocess.Popen([sys.executable, "-m", "neodeploy", "serve", str(artifact), "--port", str(port),
+                             "--model-name", "tiny", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc, url, timeout=120):
+    """(health statuses seen, exit code if the process ended first, else None)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return seen, proc.returncode
+        try:
+            r = httpx.get(f"{url}/health", timeout=2)
+            seen.append(r.status_code)
+            if r.status_code == 200:
+                return seen, None
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server not ready within {timeout} s: {seen[-3:]}")

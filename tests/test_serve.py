@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,65 +17,28 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import drifted_copy, tiny_neox, tokenizer_dir
+from conftest import drifted_copy, start_server, wait_ready
 from neodeploy.runtime import load
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 KEY = "sk-test-123"
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 PROMPTS = ["Hello there", "The capital of", "def fib(n):", "Once upon a time", "1, 2, 3,", "naïve café", "Q: why?",
            "import numpy"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(artifact, *flags):
-    port = _free_port()
-    env = {**os.environ, "NEODEPLOY_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "neodeploy", "serve", str(artifact), "--port", str(port),
-                             "--model-name", "tiny", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    return proc, f"http://127.0.0.1:{port}"
+    return start_server(artifact, KEY, *flags)
 
 
 def _wait_ready(proc, url, timeout=120):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return seen, proc.returncode
-        try:
-            r = httpx.get(f"{url}/health", timeout=2)
-            seen.append(r.status_code)
-            if r.status_code == 200:
-                return seen, None
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server not ready within {timeout} s: {seen[-3:]}")
+    return wait_ready(proc, url, timeout)
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    from neodeploy.export import export
-    from neodeploy.reference import make_checkpoint
-
-    root = tmp_path_factory.mktemp("serve")
-    tok = root / "tokenizer"
-    tok.mkdir()
-    shutil.copy(tokenizer_dir("gpt-neox-20b") / "tokenizer.json", tok / "tokenizer.json")
-    (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|endoftext|>",
-                                                           "tokenizer_class": "PreTrainedTokenizerFast"}))
-    spec = tiny_neox(vocab_size=50304, max_positions=2048)
-    ckpt = make_checkpoint(spec, root / "ckpt", seed=11, init_std=0.1, tokenizer_dir=tok)
-    return export(ckpt, root / "art", target="cpu", echo=lambda s: None)
+def artifact(serve_artifact):
+    return serve_artifact
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +135,8 @@ def test_raw_http_statuses_sse_framing_429_and_dropped_connections(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": "hot"}, headers=auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
-    assert httpx.post(f"{url}/v1/completions", content=b"{nope", headers=auth).status_code == 400
+    nope = httpx.post(f"{url}/v1/completions", content=b"{nope", headers={**auth, "Content-Type": "application/json"})
+    assert nope.status_code == 400 and "not valid JSON" in nope.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/models").status_code == 401
     assert httpx.post(f"{url}/v1/completions", json={"model": "other", "prompt": "x"}, headers=auth).status_code == 404
     assert httpx.get(f"{url}/health").json()["check"]["passed"] is True
@@ -250,7 +209,8 @@ def test_every_error_is_openai_json_and_oversized_prompts_are_refused_before_tok
     model's name is a 404 even where this one has no chat template; a prompt far beyond the context is a 400 from
     its length alone (the tokenizer holds the GIL: 10 MB of text stalled every client for 13 s); a body over the
     limit is a 413."""
-    from neodeploy.serve.app import MAX_BODY, ServeOptions, ServerState, create_app
+    from neodeploy.serve.app import ServeOptions, ServerState, create_app
+    from neodeploy.serve.handlers import MAX_BODY
 
     options = ServeOptions(artifact, "tiny", skip_check=True)
     state = ServerState(options)
@@ -266,7 +226,8 @@ def test_every_error_is_openai_json_and_oversized_prompts_are_refused_before_tok
                     await c.get("/v1/completions"),
                     await c.post("/v1/nothing", json={}),
                     await c.post("/v1/completions", json={"model": "tiny", "prompt": "a" * (3 * 2048 * 512)}),
-                    await c.post("/v1/completions", content=b" " * (MAX_BODY + 1)),
+                    await c.post("/v1/completions", content=b" " * (MAX_BODY + 1),
+                                 headers={"Content-Type": "application/json"}),
                     await c.post("/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2})]
 
     try:
