@@ -234,7 +234,7 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
             stream = handle.__aiter__()
             delta = await connection.race(anext(stream, None))
             if index == 0 and delta is not None and delta.token is None and state.status == "draining":
-                yield error_event("the server is shut down before this request started; retry", "service_unavailable")
+                yield error_event("the server is shutting down and this request had not started; retry", "service_unavailable")
                 return
             if req.kind == "chat":
                 yield event([role_chunk(index)])
