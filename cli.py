@@ -13,11 +13,12 @@ from neodeploy import __version__
 from neodeploy.errors import NeodeployError, UsageError
 from neodeploy.export import memory as export_memory
 from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
+from neodeploy.runtime.tokenizer import chat_template_option
 
 # Which extra brings which top-level module (pyproject.toml's optional dependencies).
 EXTRAS = {
     "export": ("torch", "onnx", "onnxscript", "onnxslim", "safetensors", "onnx_ir"),
-    "serve": ("fastapi", "starlette", "uvicorn", "prometheus_client", "jinja2", "httpx"),
+    "serve": ("fastapi", "starlette", "uvicorn", "prometheus_client", "jinja2", "httpx", "llguidance"),
     "ray": ("ray",),
     "trt": ("tensorrt", "polygraphy", "onnx_graphsurgeon"),
     "dev": ("transformers", "optimum", "matplotlib"),
@@ -100,6 +101,14 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_template_row(manifest) -> str:
+    from neodeploy.runtime.tokenizer import chat_template_source
+
+    source = chat_template_source(manifest.folder)
+    return (f"yes ({source})" if source else
+            "none: /v1/chat/completions answers 400 (export --chat-template FILE|chatml, or serve --chat-template)")
+
+
 def _artifact_rows(manifest) -> list[tuple[str, str]]:
     onnx, quant, data = manifest.onnx, manifest.quantization, manifest.data
     size = sum((manifest.folder / n).stat().st_size for n in manifest.files if (manifest.folder / n).is_file())
@@ -111,7 +120,8 @@ def _artifact_rows(manifest) -> list[tuple[str, str]]:
             ("max context", str(manifest.max_context)),
             ("KV cache / token", human_bytes(manifest.kv_bytes_per_token)),
             ("opset", str(onnx.opset)),
-            ("files", f"{len(manifest.files)}, {human_bytes(size)}")]
+            ("files", f"{len(manifest.files)}, {human_bytes(size)}"),
+            ("chat template", _chat_template_row(manifest))]
     verification = data.get("verification") or {}
     cases = [c for c in verification.get("cases") or [] if isinstance(c, dict)]
     if cases:
@@ -249,7 +259,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{flag} applies to --quantize int4 only; drop it or add --quantize int4")
     export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
            overwrite=args.overwrite, quantize=args.quantize, target=args.target, **int4,
-           logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"))
+           logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"),
+           chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
     return 0
 
 
@@ -334,7 +345,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts else None,
                            cors_origins=tuple(o for o in (args.cors_origin or []) if o),
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
-                           max_connections=args.max_connections)  # checks the numbers, with the option's name
+                           max_connections=args.max_connections,  # checks the numbers, with the option's name
+                           chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
     if args.ray:
         from neodeploy.serve import ray as ray_serve
 
@@ -633,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the last position only, all generation reads; always so for --target cpu)")
     p.add_argument("--max-memory", metavar="SIZE", help="memory the export may use (e.g. 32GB), instead of what "
                    "/proc/meminfo and the cgroup say is available; the export refuses up front if it needs more")
+    p.add_argument("--chat-template", metavar="FILE|chatml", help="a Jinja chat template to ship in the artifact "
+                   "(chat_template.jinja), or chatml for the built-in one (default: the checkpoint's, if any)")
     p.add_argument("--no-reference-cache", action="store_true", help="recompute the reference stage instead of "
                    "reusing it from an earlier export of the same checkpoint ($NEODEPLOY_CACHE/reference)")
     p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
@@ -675,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (default 10)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (default 30)")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections before 503 (default 1024)")
+    p.add_argument("--chat-template", metavar="FILE|chatml", help="the chat template to serve, instead of the "
+                   "artifact's (chatml: the built-in one)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="default: onnxruntime")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each run their own engine")
     p.add_argument("--replicas", type=int, help="with --ray: replicas across the cluster (default 1)")

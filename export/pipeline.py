@@ -16,7 +16,7 @@ from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import MAX_POSITIONS, load_spec
 from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
 from neodeploy.runtime.manifest import write_manifest
-from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
+from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
 PRECISIONS = ("fp32", "fp16")
 TARGETS = ("portable", "cpu")
@@ -120,11 +120,14 @@ def export(
     echo: Callable[[str], None] = print,
     reuse_reference: bool = True,
     max_memory: int | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift.
 
     logits: "all" positions (portable default: score / perplexity in one run) or the "last" only (what generation
-    reads; a TensorRT prefill then does not compute [batch, prompt, vocab] fp32 logits). The cpu target is last only."""
+    reads; a TensorRT prefill then does not compute [batch, prompt, vocab] fp32 logits). The cpu target is last only.
+    chat_template: Jinja text written as chat_template.jinja (listed with its sha256; the server prefers it to the
+    checkpoint's tokenizer_config.json template)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if target not in TARGETS:
         raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum) or cpu")
@@ -197,6 +200,8 @@ def export(
             for name in COPIED:
                 if (checkpoint / name).is_file():
                     shutil.copyfile(checkpoint / name, tmp / name)
+            if chat_template is not None:
+                (tmp / CHAT_TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")
             normalise_permissions(tmp)
             manifest = _manifest(spec, checkpoint, precision, gate, opset, max_context, tokenizer, results, before,
                                  after, progress.times)

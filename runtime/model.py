@@ -9,6 +9,7 @@ TextStream (text.py), Sequence (sequence.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ import numpy as np
 
 from neodeploy.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import Backend, create_backend
+from neodeploy.runtime.grammar import Grammars
 from neodeploy.runtime.batch import DecodeBatch, left_pad, position_ids  # noqa: F401 - re-exported
 from neodeploy.runtime.manifest import Manifest, artifact_path, read_manifest, verify_files
 from neodeploy.runtime.sampling import SamplingParams, penalised, sampling_distribution  # noqa: F401 - re-exported
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
 from neodeploy.runtime.text import stop_sets
-from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
+from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
 Prompt = str | Seq[int]
 
@@ -132,8 +134,17 @@ class Model:
         bad = [s for s in params.stop if isinstance(s, int) and not 0 <= s < self.vocab_size]
         if bad:
             raise UsageError(f"stop id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UsageError(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         stop_ids, stop_strings = stop_sets(params.stop, self.tokenizer, self.eos_token_id)
-        return Sequence(prompt_ids, params, self.tokenizer, stop_ids, stop_strings, self.eos_token_id)
+        return Sequence(prompt_ids, params, self.tokenizer, stop_ids, stop_strings, self.eos_token_id,
+                        self.grammars.constraint(params.response_format))
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Structured output's tokenizer and compiled grammars (built on first use)."""
+        return Grammars(self.tokenizer, self.vocab_size, self.eos_token_id)
 
     # ------------------------------------------------------------------------------------------- generation
 
@@ -155,7 +166,8 @@ class Model:
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | None = None, **options: Any) -> list[Generation]:
         """Generate for one prompt or a batch; always returns one Generation per prompt. Options: the fields of
-        SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, logprobs)."""
+        SamplingParams (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
+        presence_penalty, logit_bias, seed, stop, logprobs, response_format)."""
         params = self.params(params, **options)
         encoded = self.encode_all(prompts)
         self.check_fits(len(encoded), max(len(e) for e in encoded), params)
@@ -181,7 +193,7 @@ def load(artifact_dir: str | Path, backend: str | None = None, providers: list[s
     """Load an artifact folder. Checks the manifest's format version and the sha256 of each file it reads."""
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
-    tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.files]
+    tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.files and n != CHAT_TEMPLATE_FILE]
     for name in (manifest.onnx.file, manifest.onnx.external_data):
         artifact_path(artifact, name)  # confined to the folder even with verify=False
     if verify:  # every listed file, not only the ones this call reads; the TensorRT backend hashes its engine as

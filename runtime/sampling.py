@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neodeploy.errors import ModelOutputError, UsageError
+from neodeploy.runtime.grammar import Grammar
 
 MAX_LOGPROBS = 20  # OpenAI's own limit on top log-probabilities per token
 
@@ -36,13 +37,26 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str | int, ...] = field(default=())
     logprobs: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: minus count x this, over the tokens generated so far
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); a dict is accepted
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest one's probability (after temperature)
+    response_format: Grammar | None = None  # a constraint; an OpenAI response_format dict is accepted
 
     def __post_init__(self) -> None:
         stop = self.stop
         if isinstance(stop, (str, int, np.integer)):
             stop = (stop,)
         object.__setattr__(self, "stop", tuple(int(s) if isinstance(s, np.integer) else s for s in (stop or ())))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        object.__setattr__(self, "response_format", Grammar.from_response_format(self.response_format))
         self.check()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Anything besides temperature and the filters touches the logits (the greedy path then copies them)."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
+                or bool(self.logit_bias))
 
     def check(self) -> None:
         def number(value) -> bool:
@@ -63,6 +77,14 @@ class SamplingParams:
             raise UsageError(f"top_k must be a non-negative integer (0 disables it), got {self.top_k!r}")
         if not number(self.repetition_penalty) or not self.repetition_penalty > 0:
             raise UsageError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not number(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise UsageError(f"{name} must be in [-2, 2] (0 disables it), got {getattr(self, name)!r}")
+        if not number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise UsageError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise UsageError(f"logit_bias for token {token} must be in [-100, 100], got {bias!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
             raise UsageError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
@@ -73,6 +95,40 @@ class SamplingParams:
                 raise UsageError(f"stop entries must be strings or token ids, got {s!r}")
             if s == "":
                 raise UsageError("an empty stop string would stop before any text; remove it")
+
+
+def _bias_pairs(bias) -> tuple[tuple[int, float], ...]:
+    """logit_bias as sorted (id, bias) pairs from a dict ({"50256": -100} as OpenAI sends it) or pairs."""
+    items = bias.items() if isinstance(bias, dict) else (bias or ())
+    pairs = {}
+    for token, value in items:
+        try:
+            token_id = int(token)
+        except (TypeError, ValueError):
+            raise UsageError(f"logit_bias keys must be token ids, got {token!r}") from None
+        if isinstance(token, bool) or isinstance(token, float) or str(token_id) != str(token).strip() or token_id < 0:
+            raise UsageError(f"logit_bias keys must be token ids, got {token!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
+            raise UsageError(f"logit_bias for token {token_id} must be a number in [-100, 100], got {value!r}")
+        pairs[token_id] = float(value)
+    return tuple(sorted(pairs.items()))
+
+
+def adjusted(logits: np.ndarray, history: list[int], outputs: list[int], params: SamplingParams,
+             allowed: np.ndarray | None = None) -> np.ndarray:
+    """One row's logits [vocab] as float64 after, in order: transformers' repetition penalty (over prompt and
+    output), OpenAI's frequency and presence penalties (over the output), logit_bias, and the grammar's mask
+    (disallowed tokens -inf). The one statement of these rules: the sampler and sampling_distribution use it."""
+    row = penalised(logits[None, :], [history], params.repetition_penalty)[0]
+    if (params.frequency_penalty or params.presence_penalty) and outputs:
+        ids, counts = np.unique(np.asarray(outputs, dtype=np.int64), return_counts=True)
+        row[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    if params.logit_bias:
+        ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+        row[ids] += np.array([b for _, b in params.logit_bias])
+    if allowed is not None:
+        row[~allowed] = -np.inf
+    return row
 
 
 def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:
@@ -91,11 +147,17 @@ def penalised(logits: np.ndarray, history: list[list[int]], penalty: float) -> n
     return logits
 
 
-def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams) -> np.ndarray:
-    """Probabilities [batch, vocab] after repetition penalty, temperature, top-k and top-p (temperature > 0)."""
-    logits = penalised(logits, history, params.repetition_penalty)
+def sampling_distribution(logits: np.ndarray, history: list[list[int]], params: SamplingParams,
+                          outputs: list[list[int]] | None = None, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities [batch, vocab] after the adjustments (penalties, logit_bias, a grammar's `allowed` [batch,
+    vocab]), temperature, min-p, top-k and top-p (temperature > 0). `outputs`: each row's generated tokens."""
+    logits = np.stack([adjusted(row, seen, (outputs or [[]] * len(history))[i], params,
+                                None if allowed is None else allowed[i])
+                       for i, (row, seen) in enumerate(zip(logits, history))])
     # The max first: a temperature near the float minimum turns x / T into inf, and inf - inf into NaN.
     logits = (logits - logits.max(-1, keepdims=True)) / params.temperature
+    if params.min_p > 0:  # after the max came off, log p_i - log p_max is the scaled logit itself
+        logits = np.where(logits < math.log(params.min_p), -np.inf, logits)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = np.partition(logits, -params.top_k, axis=-1)[:, -params.top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
@@ -159,17 +221,26 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
         self.history = [list(prompt_ids)]
+        self.prompt_length = len(prompt_ids)
 
-    def __call__(self, logits: np.ndarray) -> Sample:
-        """logits [vocab] at the sequence's last position."""
+    @property
+    def outputs(self) -> list[int]:
+        return self.history[0][self.prompt_length:]
+
+    def __call__(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Sample:
+        """logits [vocab] at the sequence's last position; `allowed` [vocab] bool: a grammar's mask."""
         params = self.params
         if params.temperature == 0:
-            penalty = params.repetition_penalty
-            row = logits if penalty == 1.0 else penalised(logits[None, :], self.history, penalty)[0]
-            token = int(row.argmax())
-            _finite(row[token])  # argmax lands on a NaN or an inf if the row has one
+            if params.adjusts_logits or allowed is not None:
+                _finite(logits.max())  # NaN propagates into the max; +inf is the max
+                row = adjusted(logits, self.history[0], self.outputs, params, allowed)
+                token = int(row.argmax())
+                _allowed_any(row[token])
+            else:
+                token = int(logits.argmax())
+                _finite(logits[token])  # argmax lands on a NaN or an inf if the row has one
         else:
-            token = self._draw(logits)
+            token = self._draw(logits, allowed)
         self.history[0].append(token)
         if params.logprobs is None:
             return Sample(token)
@@ -180,19 +251,29 @@ class Sampler:
         # A -inf logit (a masked token) has no JSON number: it is not among the likeliest anyway.
         return Sample(token, float(logp[token]), tuple((int(i), float(logp[i])) for i in top if np.isfinite(logp[i])))
 
-    def _draw(self, logits: np.ndarray) -> int:
+    def _draw(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> int:
         """What rng.choice(vocab, p=sampling_distribution(...)) draws (the same single uniform, searched in the
         same cumulative sums up to rounding), over the tokens left in only."""
         params = self.params
-        scaled = penalised(logits[None, :], self.history, params.repetition_penalty)[0]  # a float64 copy: ours
-        top = scaled.max()
-        _finite(top)  # NaN propagates into the max, and an inf or an all -inf row is the max
+        if params.adjusts_logits or allowed is not None:
+            _finite(logits.max())  # the model's own row: NaN propagates into the max, +inf is the max
+            scaled = adjusted(logits, self.history[0], self.outputs, params, allowed)  # a float64 copy: ours
+            top = scaled.max()
+            _allowed_any(top)
+        else:
+            scaled = logits.astype(np.float64)
+            top = scaled.max()
+            _finite(top)  # NaN propagates into the max, and an inf or an all -inf row is the max
         scaled -= top  # before the temperature, as in sampling_distribution: x / 1e-310 overflows
         scaled /= params.temperature
         kept = None
-        if params.top_k and params.top_k < scaled.shape[0]:
-            kept = _largest(scaled, params.top_k)  # ties at the k-th value stay in, as in sampling_distribution
+        if params.min_p > 0:
+            kept = np.flatnonzero(scaled >= math.log(params.min_p))  # p_i >= min_p x p_max, the max being 0 here
             scaled = scaled[kept]
+        if params.top_k and params.top_k < scaled.shape[0]:
+            top_k = _largest(scaled, params.top_k)  # ties at the k-th value stay in, as in sampling_distribution
+            scaled = scaled[top_k]
+            kept = top_k if kept is None else kept[top_k]
         scaled -= scaled.max()
         probs = np.exp(scaled, out=scaled)
         probs /= probs.sum()
@@ -205,6 +286,11 @@ class Sampler:
         cdf /= cdf[-1]
         index = int(np.searchsorted(cdf, self.rng.random(), side="right"))
         return int(index if kept is None else kept[index])
+
+
+def _allowed_any(value: float) -> None:
+    if value == -np.inf:
+        raise UsageError("no token is left to sample: the grammar and logit_bias together exclude every token")
 
 
 def _finite(value: float) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from neodeploy.runtime.grammar import Constraint
 from neodeploy.runtime.sampling import Sample, Sampler, SamplingParams
 from neodeploy.runtime.text import TextStream
 
@@ -33,8 +34,9 @@ class Delta:
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, stop_ids, stop_strings, eos_token_id):
-        self.prompt_ids, self.params = prompt_ids, params
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, stop_ids, stop_strings, eos_token_id,
+                 constraint: Constraint | None = None):
+        self.prompt_ids, self.params, self.constraint = prompt_ids, params, constraint
         self.sampler = Sampler(params, prompt_ids)
         self.text = TextStream(tokenizer, stop_ids, stop_strings, eos_token_id)
         self.steps = 0
@@ -47,13 +49,18 @@ class Sequence:
 
     def feed(self, logits: np.ndarray) -> Delta:
         """Sample from this sequence's last-position logits [vocab] and account for the token."""
-        sample = self.sampler(logits)
+        constraint = self.constraint
+        sample = self.sampler(logits, constraint.allowed() if constraint is not None else None)
+        if constraint is not None:
+            constraint.consume(sample.token)
         self.steps += 1
         self.last_token = sample.token
         kept = len(self.text.output_ids)
         piece = self.text.push(sample.token)
         if len(self.text.output_ids) > kept and self.params.logprobs is not None:
             self.samples.append(sample)
+        if not self.text.done and constraint is not None and constraint.finished:
+            piece += self.text.finish("stop")  # the grammar is complete and cannot go on
         if not self.text.done and self.steps >= self.params.max_new_tokens:
             piece += self.text.finish("length")
         return Delta(sample.token, piece, sample, self.text.finish_reason, len(self.text.output_ids) > kept)

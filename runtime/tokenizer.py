@@ -15,7 +15,69 @@ from typing import Any
 
 from neodeploy.errors import TokenizerError, UsageError
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' own file for a template kept apart from tokenizer_config
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   CHAT_TEMPLATE_FILE)
+# `--chat-template chatml`: ChatML turns (<|im_start|>role ... <|im_end|>), tools listed in a system turn and calls
+# written <tool_call>{...}</tool_call> (the Hermes / Qwen convention serve/tools.py reads back).
+CHATML = """{%- if tools %}<|im_start|>system
+You can call one of these functions. To call one, reply with only <tool_call>{"name": <function name>, \
+"arguments": <arguments object>}</tool_call>.
+{% for tool in tools %}{{ tool.function | tojson }}
+{% endfor %}<|im_end|>
+{% endif %}
+{%- for message in messages %}<|im_start|>{{ message.role }}
+{% if message.content is not none %}{{ message.content }}{% endif %}
+{%- for call in message.tool_calls or [] %}<tool_call>{"name": {{ call.function.name | tojson }}, \
+"arguments": {{ call.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def chat_template_source(folder: Path) -> str | None:
+    """Where a folder's chat template is: its chat_template.jinja, else tokenizer_config.json's chat_template (the
+    "default" one of transformers' named templates), else None."""
+    return CHAT_TEMPLATE_FILE if (Path(folder) / CHAT_TEMPLATE_FILE).is_file() else \
+        ("tokenizer_config.json" if _config_template(Path(folder)) else None)
+
+
+def read_chat_template(folder: Path) -> str | None:
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return _config_template(folder)
+
+
+def _config_template(folder: Path) -> str | None:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def chat_template_option(value: str) -> str:
+    """The text of `--chat-template FILE|chatml`."""
+    if value == "chatml":
+        return CHATML
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"--chat-template {value!r} is neither a file nor 'chatml'; give a Jinja template file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --chat-template {value}: {exc}") from exc
+    if not text.strip():
+        raise UsageError(f"--chat-template {value} is empty")
+    return text
 EOT = "<|endoftext|>"
 PADDING = "<|padding|>"
 

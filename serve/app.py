@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.engine import EngineConfig
-from neodeploy.serve.chat import ChatTemplate, read_chat_template
+from neodeploy.runtime.tokenizer import read_chat_template
+from neodeploy.serve.chat import ChatTemplate
 from neodeploy.serve.metrics import Metrics
 from neodeploy.serve.protocol import error_body
 
@@ -55,6 +56,7 @@ class ServeOptions:
     header_timeout: float = 10.0  # seconds a connection gets to send a request's headers
     body_timeout: float = 30.0  # seconds a request gets to send its whole body
     max_connections: int = 1024  # open connections; past it a new one gets a 503 and is closed
+    chat_template: str | None = None  # Jinja text served instead of the artifact's (`--chat-template`)
 
     def __post_init__(self) -> None:
         for name in ("grace_period", "header_timeout", "body_timeout"):
@@ -107,18 +109,21 @@ class ServerState:
                     raise NeodeployError(f"golden check failed on case {failed[0].case!r} "
                                          f"({'; '.join(failed[0].failures)}): the artifact drifted on this machine; "
                                          "refusing to serve (re-export, or --skip-check to serve anyway)")
-            template = read_chat_template(Path(options.artifact))
+            template = options.chat_template or read_chat_template(Path(options.artifact))
             tokenizer = model.tokenizer
             if template and tokenizer is not None:
                 special = lambda i: tokenizer.backend.id_to_token(i) if i is not None else None  # noqa: E731
                 self.chat = ChatTemplate(template, special(tokenizer.bos_token_id), special(tokenizer.eos_token_id))
+            chat = ("from --chat-template" if options.chat_template else "from the artifact") if self.chat else \
+                "none: chat completions answer 400"
             self.engine = Engine(model, options.engine, self.metrics)
             self.metrics.watch(self.engine)
             self.model = model
             self.status = "ready"
             print(f"neodeploy serve: {options.name} ready ({model.backend.name}, {model.manifest.precision}; "
                   f"{self.engine.max_running} running x {self.engine.capacity} tokens, KV cache "
-                  f"{self.engine.kv_bytes / 2**20:.1f} MiB; check: {self.check})", file=sys.stderr, flush=True)
+                  f"{self.engine.kv_bytes / 2**20:.1f} MiB; chat template: {chat}; check: {self.check})",
+                  file=sys.stderr, flush=True)
         except NeodeployError as exc:
             self._fail(str(exc), self.exit_code or 2)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported in one line, never served

@@ -4,28 +4,11 @@ code we run: the sandbox refuses attribute access to internals, as transformers'
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 from neodeploy.errors import UsageError
 
 
 class TemplateError(UsageError):
     """The artifact's chat template cannot render these messages."""
-
-
-def read_chat_template(artifact: Path) -> str | None:
-    path = artifact / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    template = config.get("chat_template") if isinstance(config, dict) else None
-    if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
 
 
 class ChatTemplate:
@@ -45,11 +28,13 @@ class ChatTemplate:
         except JinjaError as exc:
             raise UsageError(f"the artifact's chat template does not parse ({exc}); fix tokenizer_config.json") from exc
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
+        # Templates that show tools read a `tools` variable (transformers' convention); others get a system note.
+        self.takes_tools = "tools" in source
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            return self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                        eos_token=self.eos_token)
+            return self.template.render(messages=messages, tools=tools, add_generation_prompt=True,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
         except TemplateError:
             raise
         except Exception as exc:  # noqa: BLE001 - the template is data: its sandbox's OverflowError, a TypeError on a

@@ -24,7 +24,8 @@ from neodeploy.errors import ClosedError, NeodeployError
 from neodeploy.serve import schema
 from neodeploy.serve.app import ModelNotFound, PayloadTooLarge, RequestTimeout, ServerState, error_response, internal_error
 from neodeploy.serve.protocol import (DONE_EVENT, BadRequest, GenerationRequest, choice, chunk_event, error_event,
-                                      finish_reason, parse_chat, parse_completion, response_body, role_chunk, usage)
+                                      finish_reason, parse_chat, parse_completion, parse_detokenize, parse_tokenize,
+                                      response_body, role_chunk, usage)
 
 MAX_BODY = 16 * 2**20  # 64 prompts of a 2048-token context as text or ids are under 1 MB
 
@@ -78,10 +79,34 @@ async def completions(state: ServerState, request: Request) -> Response:
 async def chat_completions(state: ServerState, request: Request) -> Response:
     """Chat completions, rendered with the artifact's chat template."""
     req = parse_chat(await read_json(request, state.options.body_timeout))
-    served(state, req)  # another model is a 404 before anything about this one's template
+    served(state, req.model)  # another model is a 404 before anything about this one's template
     if state.chat is None:
-        raise BadRequest("this artifact's tokenizer ships no chat template; use /v1/completions", "messages")
+        raise BadRequest(NO_TEMPLATE, "messages")
     return await generate(state, request, req)
+
+
+NO_TEMPLATE = ("this artifact has no chat template: export it with --chat-template FILE|chatml, or serve it with "
+               "--chat-template FILE; or use /v1/completions")
+
+
+async def tokenize(state: ServerState, request: Request) -> Response:
+    """Text (or chat messages) to token ids, as vLLM's /tokenize."""
+    body = await read_json(request, state.options.body_timeout)
+    req = parse_tokenize(body)
+    served(state, req.model)
+    if req.kind == "chat" and state.chat is None:
+        raise BadRequest(NO_TEMPLATE, "messages")
+    ids = (await asyncio.to_thread(prompt_ids, state, req))[0]
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.engine.capacity})
+
+
+async def detokenize(state: ServerState, request: Request) -> Response:
+    """Token ids to text, as vLLM's /detokenize."""
+    body = await read_json(request, state.options.body_timeout)
+    model, tokens = parse_detokenize(body)
+    served(state, model)
+    state.model.encode(tokens)  # refuses ids outside the vocabulary
+    return JSONResponse({"prompt": state.model.decode(tokens)})
 
 
 ROUTES = (
@@ -90,6 +115,8 @@ ROUTES = (
     ("GET", "/v1/models", models, schema.ModelList),
     ("POST", "/v1/completions", completions, schema.Completion),
     ("POST", "/v1/chat/completions", chat_completions, schema.ChatCompletion),
+    ("POST", "/tokenize", tokenize, schema.Tokens),
+    ("POST", "/detokenize", detokenize, schema.Text),
 )
 
 
@@ -124,9 +151,9 @@ async def read_json(request: Request, timeout: float) -> Any:
 
 # ---------------------------------------------------------------------------------------------- generation
 
-def served(state: ServerState, req: GenerationRequest) -> None:
-    if req.model != state.options.name:
-        raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {state.options.name!r}")
+def served(state: ServerState, model: str) -> None:
+    if model != state.options.name:
+        raise ModelNotFound(f"model {model!r} does not exist; this server serves {state.options.name!r}")
 
 
 def prompt_ids(state: ServerState, req: GenerationRequest) -> list[list[int]]:
@@ -135,7 +162,9 @@ def prompt_ids(state: ServerState, req: GenerationRequest) -> list[list[int]]:
     entry (x2 for normalisers that compose characters), so past that many characters per token of context a prompt
     cannot fit; the whole request is held to the same bound (six 2 M-character prompts once took 22 s)."""
     model, engine = state.model, state.engine
-    prompts = req.prompts if req.kind == "completion" else [state.chat.render(req.messages)]
+    prompts = req.prompts if req.kind == "completion" else [render_chat(state, req)]
+    if req.params.response_format is not None:
+        model.grammars.matcher(req.params.response_format)  # compiled here, off the loop, and cached for submit
     if model.tokenizer is not None:
         bound = 2 * engine.capacity * model.tokenizer.longest_token
         text = [p for p in prompts if isinstance(p, str)]
@@ -147,6 +176,13 @@ def prompt_ids(state: ServerState, req: GenerationRequest) -> list[list[int]]:
             raise BadRequest(f"the prompts ({sum(map(len, text))} characters together) are far more than this server "
                              f"tokenises for one request ({bound}); send them in several requests", "prompt")
     return [model.encode(p) for p in prompts]
+
+
+def render_chat(state: ServerState, req: GenerationRequest) -> str:
+    messages, tools = req.messages, req.tools.offered if req.tools else None
+    if tools and not state.chat.takes_tools:
+        messages, tools = [{"role": "system", "content": req.tools.system_note()}, *messages], None
+    return state.chat.render(messages, tools)
 
 
 def submit_all(state: ServerState, req: GenerationRequest, encoded: list[list[int]]) -> list:
@@ -168,7 +204,7 @@ def submit_all(state: ServerState, req: GenerationRequest, encoded: list[list[in
 
 
 async def generate(state: ServerState, request: Request, req: GenerationRequest) -> Response:
-    served(state, req)
+    served(state, req.model)
     engine = state.engine
     limit = engine.max_running + engine.config.max_waiting
     if len(req.prompts or [None]) * req.n > limit:
@@ -214,8 +250,9 @@ async def complete(state, req, rid, encoded, handles, connection) -> Response:
     choices = []
     for index, (handle, result) in enumerate(zip(handles, results)):
         echo = state.model.decode(handle.prompt_ids) if req.echo else ""
-        choices.append(choice(req, index, echo + result.text, finish_reason(result.finish_reason), result.logprobs,
-                              token_text))
+        call = req.tools.read(result.text) if req.tools else None
+        finish = "tool_calls" if call else finish_reason(result.finish_reason)
+        choices.append(choice(req, index, echo + result.text, finish, result.logprobs, token_text, tool_call=call))
     body = response_body(req, rid, int(time.time()), state.options.name, choices,
                          usage([len(e) for e in encoded], [r.output_ids for r in results]))
     return JSONResponse(body)
@@ -240,9 +277,20 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
                 yield event([role_chunk(index)])
             elif req.echo:
                 yield event([choice(req, index, state.model.decode(handle.prompt_ids), None, [], token_text)])
+            held = "" if req.tools and req.tools.may_be_call("") else None  # a possible tool call, held back
             while delta is not None:
                 samples = [delta.sample] if req.logprobs is not None and delta.kept else []
                 finish = finish_reason(delta.finish_reason) if delta.finish_reason else None
+                if held is not None:
+                    held += delta.text
+                    if finish is None and req.tools.may_be_call(held):
+                        delta = await connection.race(anext(stream, None))
+                        continue
+                    call = req.tools.read(held) if finish else None
+                    if call:
+                        yield event([choice(req, index, "", None, [], token_text, streaming=True, tool_call=call)])
+                        finish = "tool_calls"
+                    delta, held = dataclasses.replace(delta, text="" if call else held), None
                 if delta.text or delta.kept or finish:  # one chunk per token, even while its text is held back
                     yield event([choice(req, index, delta.text, finish, samples, token_text, streaming=True)])
                 delta = await connection.race(anext(stream, None))

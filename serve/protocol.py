@@ -1,19 +1,26 @@
 """OpenAI request bodies -> typed requests, validated by name. No web framework here: the app adapts these.
 
 A field we do not implement is refused by name (400), never silently ignored: a client that asks for
-`logit_bias` or `best_of` must not believe it got them.
+`best_of: 3` or `store: true` must not believe it got them. Its neutral value (what clients send by default) is
+accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from neodeploy.errors import UsageError
 from neodeploy.runtime.sampling import MAX_LOGPROBS, Sample, SamplingParams
+
+if TYPE_CHECKING:
+    from neodeploy.serve.tools import ToolChoice
 
 
 class BadRequest(UsageError):
@@ -24,14 +31,19 @@ class BadRequest(UsageError):
         self.param = param
 
 
-UNSUPPORTED = ("best_of", "frequency_penalty", "presence_penalty", "logit_bias", "suffix", "tools", "tool_choice",
-               "functions", "function_call", "response_format", "parallel_tool_calls", "audio", "modalities",
-               "prediction", "reasoning_effort", "service_tier", "store", "metadata", "web_search_options",
-               "min_p", "length_penalty")
+# Fields accepted only at a neutral value (what clients send when they mean "not asked for"): any other value is
+# refused by name, never ignored. parallel_tool_calls is neutral either way: a response holds at most one call.
+NEUTRAL: dict[str, tuple] = {
+    "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "web_search_options": (None,), "functions": (None, []), "function_call": (None,),
+    "length_penalty": (None, 1), "parallel_tool_calls": (None, True, False),
+}
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "user",
-          "top_k", "repetition_penalty"}
-COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
-CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
+          "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "min_p",
+          "response_format", *NEUTRAL}
+COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo", "best_of"}
+CHAT_FIELDS = COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools", "tool_choice"}
 MAX_N = 16
 MAX_STOPS = 4
 
@@ -49,6 +61,7 @@ class GenerationRequest:
     logprobs: int | None
     messages: list[dict] | None = None
     max_tokens_given: bool = True
+    tools: ToolChoice | None = None  # chat with tools (serve/tools.py): the call's grammar and how to read it
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float | None = None, low_open: bool = False) -> float:
@@ -91,10 +104,11 @@ def _check_fields(body: Any, allowed: set[str]) -> dict:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for name in body:
-        if name in UNSUPPORTED:
-            raise BadRequest(f"{name} is not supported by this server; remove it", name)
         if name not in allowed:
             raise BadRequest(f"unknown parameter {name}", name)
+        if name in NEUTRAL and not any(body[name] == v and type(body[name]) is type(v) for v in NEUTRAL[name]):
+            raise BadRequest(f"{name}={_short(body[name])} is not supported by this server; remove it (or send "
+                             f"{json.dumps(NEUTRAL[name][-1])})", name)
     if not isinstance(body.get("model"), str):
         raise BadRequest("model is required (a string; GET /v1/models lists it)", "model")
     return body
@@ -128,12 +142,49 @@ def _common(body: dict, max_tokens: int | None, logprobs: int | None) -> tuple[S
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=_integer(body, "top_k", 0, 0),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(body),
         seed=_integer(body, "seed", None, 0, 2**63 - 1),
         stop=_stop(body),
         logprobs=logprobs,
+        response_format=_response_format(body),
     )
     return params, n, stream, include_usage
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise BadRequest("logit_bias must be an object of token id -> bias in [-100, 100]", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) < 10):
+            raise BadRequest(f"logit_bias keys must be token ids, got {_short(key)}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias for token {key} must be a number in [-100, 100], got {_short(value)}",
+                             "logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
+def _response_format(body: dict):
+    """The constraint as a Grammar (compiled later, in a worker thread), or None for text."""
+    value = body.get("response_format")
+    if value is None:
+        return None
+    from neodeploy.runtime.grammar import Grammar, GrammarError
+
+    try:
+        return Grammar.from_response_format(value)
+    except GrammarError as exc:
+        raise BadRequest(str(exc), "response_format") from exc
+    except UsageError as exc:  # llguidance is missing: the serve extra was not installed whole
+        raise BadRequest(str(exc), "response_format") from exc
 
 
 def parse_completion(body: Any) -> GenerationRequest:
@@ -160,6 +211,10 @@ def parse_completion(body: Any) -> GenerationRequest:
     if echo and logprobs is not None:
         raise BadRequest("echo with logprobs (prompt log-probabilities) is not supported; drop one of them", "echo")
     params, n, stream, include_usage = _common(body, _integer(body, "max_tokens", 16, 1), logprobs)
+    best_of = _integer(body, "best_of", None, 1)
+    if best_of is not None and best_of != n:
+        raise BadRequest(f"best_of={best_of} (choosing the best of several) is not supported; send best_of equal to n "
+                         f"({n}) or leave it out", "best_of")
     return GenerationRequest("completion", body["model"], prompts, params, n, stream, include_usage, echo, logprobs)
 
 
@@ -168,12 +223,7 @@ def parse_chat(body: Any) -> GenerationRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRequest("each message needs a string role and a string content", "messages")
-        extra = set(m) - {"role", "content", "name"}
-        if extra:
-            raise BadRequest(f"message field {sorted(extra)[0]} is not supported", "messages")
+    messages = [_message(m, i) for i, m in enumerate(messages)]
     want = body.get("logprobs", False)
     if not isinstance(want, bool):
         raise BadRequest("logprobs must be a boolean for chat completions", "logprobs")
@@ -186,8 +236,57 @@ def parse_chat(body: Any) -> GenerationRequest:
     max_tokens = _integer(body, name, None, 1)
     logprobs = (top or 0) if want else None
     params, n, stream, include_usage = _common(body, max_tokens, logprobs)
+    from neodeploy.serve.tools import parse_tools
+
+    tools = parse_tools(body.get("tools"), body.get("tool_choice"))
+    if tools is not None and tools.grammar is not None:
+        if params.response_format is not None:
+            raise BadRequest("give response_format or tools with a tool_choice that calls them, not both", "tools")
+        params = dataclasses.replace(params, response_format=tools.grammar)
     return GenerationRequest("chat", body["model"], [], params, n, stream, include_usage, False, logprobs,
-                             messages=messages, max_tokens_given=max_tokens is not None)
+                             messages=messages, max_tokens_given=max_tokens is not None, tools=tools)
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _message(m: Any, index: int) -> dict:
+    """One chat message as the template sees it: content parts joined into a string (text parts only), an
+    assistant's tool_calls and a tool result's tool_call_id kept for the template."""
+    where = f"messages[{index}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise BadRequest(f"{where} needs a role ({', '.join(ROLES)})", "messages")
+    extra = sorted(set(m) - {"role", "content", "name", "tool_calls", "tool_call_id"})
+    if extra:
+        raise BadRequest(f"{where}: field {extra[0]} is not supported", "messages")
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise BadRequest(f"{where}: content part of type {kind!r} is not supported (text parts only)",
+                                 "messages")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif content is None and not (m["role"] == "assistant" and m.get("tool_calls")):
+        raise BadRequest(f"{where} needs content (a string or a list of text parts)", "messages")
+    elif content is not None and not isinstance(content, str):
+        raise BadRequest(f"{where}: content must be a string or a list of text parts", "messages")
+    out = {"role": m["role"], "content": content}
+    if m.get("name") is not None:
+        if not isinstance(m["name"], str):
+            raise BadRequest(f"{where}: name must be a string", "messages")
+        out["name"] = m["name"]
+    if m.get("tool_calls") is not None:
+        from neodeploy.serve.tools import parse_message_tool_calls
+
+        out["tool_calls"] = parse_message_tool_calls(m["tool_calls"], where)
+    if m["role"] == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise BadRequest(f"{where}: a tool message needs the tool_call_id it answers", "messages")
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- responses
@@ -227,10 +326,14 @@ def chat_logprobs(samples: list[Sample], token_text: TokenText) -> dict:
 
 
 def choice(req: GenerationRequest, index: int, text: str, finish: str | None, samples: list[Sample],
-           token_text: TokenText, streaming: bool = False) -> dict:
-    """One entry of `choices`: a message (chat), a delta (chat stream) or a text (completions)."""
+           token_text: TokenText, streaming: bool = False, tool_call: dict | None = None) -> dict:
+    """One entry of `choices`: a message (chat), a delta (chat stream) or a text (completions). With a tool call,
+    the message has no content and the call in `tool_calls` (a stream's delta carries it whole, at index 0)."""
     if req.kind == "chat":
-        if streaming:
+        if tool_call is not None:
+            calls = [{"index": 0, **tool_call}] if streaming else [tool_call]
+            content = {"tool_calls": calls} if streaming else {"role": "assistant", "content": None, "tool_calls": calls}
+        elif streaming:
             content = {"content": text} if text else {}
         else:
             content = {"role": "assistant", "content": text}
@@ -270,3 +373,34 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 def error_event(message: str, kind: str = "server_error") -> str:
     """A stream that fails after it started says so in the stream (its status line went out with the first token)."""
     return f"data: {json.dumps(error_body(message, kind))}\n\n"
+
+
+# ----------------------------------------------------------------------------------------------------- tokenizer
+
+TOKENIZE_FIELDS = {"model", "prompt", "messages"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
+
+
+def parse_tokenize(body: Any) -> GenerationRequest:
+    """vLLM's /tokenize: {"model", "prompt"} or {"model", "messages"} (rendered with the chat template)."""
+    body = _check_fields(body, TOKENIZE_FIELDS)
+    if ("prompt" in body) == ("messages" in body):
+        raise BadRequest("give prompt (a string) or messages, one of them", "prompt")
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str) or not body["prompt"]:
+            raise BadRequest("prompt must be a non-empty string", "prompt")
+        return GenerationRequest("completion", body["model"], [body["prompt"]], SamplingParams(), 1, False, False,
+                                 False, None)
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {role, content} objects", "messages")
+    return GenerationRequest("chat", body["model"], [], SamplingParams(), 1, False, False, False, None,
+                             messages=[_message(m, i) for i, m in enumerate(messages)])
+
+
+def parse_detokenize(body: Any) -> tuple[str, list[int]]:
+    body = _check_fields(body, DETOKENIZE_FIELDS)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise BadRequest("tokens must be a list of token ids", "tokens")
+    return body["model"], tokens

@@ -23,6 +23,20 @@ class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"]
+    json_schema: Optional[JsonSchemaFormat] = Field(None, description="with type json_schema")
+    regex: Optional[str] = Field(None, description="extension, with type regex")
+    grammar: Optional[str] = Field(None, description="extension, with type grammar: a Lark grammar")
+
+
 class _Sampling(_Strict):
     model: str = Field(description="the served model's id (GET /v1/models)")
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1")
@@ -35,6 +49,24 @@ class _Sampling(_Strict):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = Field(None, description="needs stream: true")
     user: Optional[str] = Field(None, description="accepted, not used")
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id -> bias in [-100, 100]")
+    min_p: Optional[float] = Field(None, ge=0, le=1, description="extension")
+    response_format: Optional[ResponseFormat] = None
+    store: Optional[Literal[False]] = Field(None, description="accepted at its neutral value only")
+    metadata: Optional[dict] = Field(None, description="accepted empty only")
+    service_tier: Optional[Literal["auto", "default"]] = None
+    reasoning_effort: Optional[None] = None
+    suffix: Optional[Literal[""]] = None
+    audio: Optional[None] = None
+    modalities: Optional[list[Literal["text"]]] = None
+    prediction: Optional[None] = None
+    web_search_options: Optional[None] = None
+    functions: Optional[list[None]] = Field(None, description="legacy: accepted empty only; use tools")
+    function_call: Optional[None] = None
+    length_penalty: Optional[Literal[1]] = None
+    parallel_tool_calls: Optional[bool] = Field(None, description="accepted; a response holds at most one call")
 
 
 class CompletionRequest(_Sampling):
@@ -43,12 +75,48 @@ class CompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1, description="default 16")
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Optional[bool] = None
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N, description="only equal to n")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
-    role: str
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+
+class FunctionSpec(_Strict):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[bool] = None
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: dict
 
 
 class ChatCompletionRequest(_Sampling):
@@ -57,6 +125,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="max_tokens' newer name; give one of them")
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs: true")
+    tools: Optional[list[ToolSpec]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
 
 
 class Usage(BaseModel):
@@ -83,13 +153,14 @@ class Completion(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Optional[Literal["stop", "length", "cancelled"]]
+    finish_reason: Optional[Literal["stop", "length", "cancelled", "tool_calls"]]
     logprobs: Optional[dict] = None
 
 
@@ -135,4 +206,26 @@ class Health(BaseModel):
     waiting: Optional[int] = None
 
 
-REQUEST_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest}
+class TokenizeRequest(_Strict):
+    model: str
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str
+    tokens: list[int]
+
+
+class Tokens(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class Text(BaseModel):
+    prompt: str
+
+
+REQUEST_MODELS = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                  "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}

@@ -159,10 +159,10 @@ def test_non_finite_logits_fail_only_their_own_request(exported, monkeypatch):
     want = [model.generate(p, max_new_tokens=n)[0].output_ids for p, n in _requests(3, seed=4)]
     call = sampling.Sampler.__call__
 
-    def poisoned(self, logits):
+    def poisoned(self, logits, allowed=None):
         if self.params.seed == 666 and len(self.history[0]) >= 6:
             logits = np.full_like(logits, np.nan)
-        return call(self, logits)
+        return call(self, logits, allowed)
 
     monkeypatch.setattr(sampling.Sampler, "__call__", poisoned)
     engine = Engine(model, EngineConfig(max_running=4))
