@@ -162,15 +162,13 @@ class Constraint:
 
         self.matcher, self.vocab_size = matcher, vocab_size
         self._bitmask = lln.allocate_token_bitmask(1, vocab_size)
-        self._bits = np.arange(32, dtype=np.uint32)
 
     def allowed(self) -> np.ndarray:
-        """A bool vector [vocab]: the tokens the grammar allows next."""
+        """A bool vector [vocab]: the tokens the grammar allows next (bit i of word i // 32 is token i)."""
         import llguidance.numpy as lln
 
         lln.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        words = self._bitmask[0].view(np.uint32)
-        return ((words[:, None] >> self._bits) & 1).astype(bool).reshape(-1)[: self.vocab_size]
+        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):

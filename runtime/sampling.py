@@ -127,7 +127,7 @@ def adjusted(logits: np.ndarray, history: list[int], outputs: list[int], params:
         ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
         row[ids] += np.array([b for _, b in params.logit_bias])
     if allowed is not None:
-        row[~allowed] = -np.inf
+        np.copyto(row, -np.inf, where=~allowed)
     return row
 
 
