@@ -299,7 +299,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     inputs = [_parse_ids(p) for p in prompts] if ids_mode else prompts
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                   stop=[*args.stop, *args.stop_id])
+                   stop=[*args.stop, *args.stop_id], min_p=args.min_p, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty, logit_bias=_logit_bias(args.logit_bias),
+                   response_format=_response_format(args))
     if args.stream:
         if len(inputs) != 1 or args.json:
             raise UsageError("--stream takes exactly one prompt and no --json")
@@ -319,6 +321,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- [{row}/{len(prompts)}] {prompt!r} ({result.finish_reason})")
             print(body)
     return 0
+
+
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    bias = {}
+    for pair in pairs:
+        token, _, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise UsageError(f"--logit-bias takes ID=BIAS (e.g. 50256=-100), got {pair!r}") from None
+    return bias
+
+
+def _response_format(args: argparse.Namespace) -> dict | None:
+    given = [(name, value) for name, value in (("json_schema", args.json_schema), ("regex", args.regex),
+                                               ("grammar", args.grammar)) if value is not None]
+    if len(given) > 1:
+        raise UsageError("give one of --json-schema, --regex and --grammar")
+    if not given:
+        return None
+    kind, value = given[0]
+    if kind == "regex":
+        return {"type": "regex", "regex": value}
+    try:
+        text = Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --{kind.replace('_', '-')} {value}: {exc}") from exc
+    if kind == "grammar":
+        return {"type": "grammar", "grammar": text}
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--json-schema {value} is not JSON: {exc}") from exc
+    return {"type": "json_schema", "json_schema": {"name": Path(value).stem, "schema": schema}}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -661,6 +697,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens reaching this mass")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1: off)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the likeliest (0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (0: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (0: off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS in [-100, 100] to "
+                   "token ID's logit (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
+    p.add_argument("--regex", help="constrain the output to this regular expression")
+    p.add_argument("--grammar", metavar="FILE", help="constrain the output to this Lark grammar")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop-id", action="append", type=int, default=[], help="stop token id (repeatable)")
     p.add_argument("--ids", action="store_true", help="prompts are token ids ('1 2 3'), not text")

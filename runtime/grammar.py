@@ -143,7 +143,7 @@ class Grammars:
             compiled = llg.LLMatcher(tokenizer, grammar.text, log_level=0)  # compiles, GIL released
             if compiled.is_error():
                 what = {"json_schema": "JSON schema", "regex": "regex", "lark": "grammar"}[grammar.kind]
-                raise GrammarError(f"the {what} does not compile: {compiled.get_error()}")
+                raise GrammarError(f"the {what} does not compile: {_one_line(compiled.get_error())}")
             with self._lock:
                 self._cache[grammar.text] = compiled
                 while len(self._cache) > CACHE_SIZE:
@@ -152,6 +152,12 @@ class Grammars:
 
     def constraint(self, grammar: Grammar | None) -> Constraint | None:
         return None if grammar is None else Constraint(self.matcher(grammar), self.vocab_size)
+
+
+def _one_line(error: str) -> str:
+    """llguidance's reason without its source excerpt: the first line and any 'error:' line."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return " ".join(lines[:1] + [line for line in lines[1:] if line.startswith("error:")])
 
 
 class Constraint:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,25 @@ def test_generate_labels_rows_and_inspect_reads_an_artifact(exported):
     for field in ("dtype", "quantisation", "target", "KV cache", "max context", "verification at export", "TensorRT engine"):
         assert field in text, field
     assert "fp32" in text and "portable" in text
+
+
+def test_generate_takes_the_sampling_and_structured_output_options(exported, tmp_path):
+    pytest.importorskip("llguidance")
+    _, art = exported("rt-gpt_neox", tiny_neox())
+    out = run("generate", art, "hi", "--regex", "[0-9]{2}-[a-f]{3}", "--temperature", "1", "--seed", "3").stdout
+    assert re.fullmatch(r"[0-9]{2}-[a-f]{3}", out.strip())
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                                  "additionalProperties": False}))
+    row = json.loads(run("generate", art, "hi", "--json-schema", schema, "--json", "--frequency-penalty", "0.5",
+                         "--presence-penalty", "0.2", "--min-p", "0.1").stdout)
+    assert isinstance(json.loads(row["text"])["ok"], bool) and row["finish_reason"] == "stop"
+    row = json.loads(run("generate", art, "hi", "--logit-bias", "42=100", "--max-new-tokens", "3", "--json").stdout)
+    assert row["output_ids"] == [42, 42, 42]
+    for bad, message in ((["--regex", "("], "regex does not compile"), (["--logit-bias", "x"], "ID=BIAS"),
+                         (["--logit-bias", "99999=1"], "outside the vocabulary"), (["--min-p", "2"], "min_p")):
+        r = run("generate", art, "hi", *bad, check=False)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def _broken(tmp_path, kind):
