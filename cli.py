@@ -382,7 +382,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            cors_origins=tuple(o for o in (args.cors_origin or []) if o),
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                            max_connections=args.max_connections,  # checks the numbers, with the option's name
-                           chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
+                           chat_template=chat_template_option(args.chat_template) if args.chat_template else None,
+                           ui=not args.no_ui)
     if args.ray:
         from neodeploy.serve import ray as ray_serve
 
@@ -735,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=1024, help="open connections before 503 (default 1024)")
     p.add_argument("--chat-template", metavar="FILE|chatml", help="the chat template to serve, instead of the "
                    "artifact's (chatml: the built-in one)")
+    p.add_argument("--no-ui", action="store_true", help="no playground page at GET / (default: served)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="default: onnxruntime")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each run their own engine")
     p.add_argument("--replicas", type=int, help="with --ray: replicas across the cluster (default 1)")

@@ -36,7 +36,8 @@ RETRY_AFTER_S = 1
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Routes open without the API key (probes, scrapers, the API's description); every other path needs it, so a
 # route added later is closed by default.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/"})
+STATIC = Path(__file__).parent / "static"  # the playground's files, shipped as package data (no CDN, no build step)
 log = logging.getLogger("neodeploy.serve")
 
 
@@ -57,6 +58,7 @@ class ServeOptions:
     body_timeout: float = 30.0  # seconds a request gets to send its whole body
     max_connections: int = 1024  # open connections; past it a new one gets a 503 and is closed
     chat_template: str | None = None  # Jinja text served instead of the artifact's (`--chat-template`)
+    ui: bool = True  # the playground page at GET / (`--no-ui` turns it off)
 
     def __post_init__(self) -> None:
         for name in ("grace_period", "header_timeout", "body_timeout"):
@@ -236,7 +238,7 @@ class Guard:
             return BAD_HOST, (f"Host {host!r} is not a name this server answers to; start it with --allowed-hosts "
                               f"{host or 'NAME'} to serve it")
         path = scope["path"]
-        if path in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if path in OPEN_PATHS or path.startswith("/static/") or scope["method"] == "OPTIONS":
             return None
         if options.api_key and not _key_matches(headers.get(b"authorization", b""), options.api_key):
             return UNAUTHORIZED, "missing or wrong API key: send 'Authorization: Bearer KEY'"
@@ -288,10 +290,17 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
                   description="OpenAI-compatible completions and chat completions over one exported model.")
     app.state.neodeploy = state
     for method, path, handler, response_model in handlers.ROUTES:
+        if handler is handlers.playground and not options.ui:
+            continue
         errors = {"4XX": {"model": schema.ErrorResponse}, "5XX": {"model": schema.ErrorResponse}}
         app.add_api_route(path, handlers.endpoint(handler, state), methods=[method], response_model=None,
                           responses={200: {"model": response_model}, **errors} if response_model else errors,
                           summary=(handler.__doc__ or "").strip().splitlines()[0] or None)
+
+    if options.ui:
+        from starlette.staticfiles import StaticFiles
+
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):  # unknown routes, wrong methods: JSON too

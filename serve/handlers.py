@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from neodeploy.errors import ClosedError, NeodeployError
 from neodeploy.serve import schema
-from neodeploy.serve.app import ModelNotFound, PayloadTooLarge, RequestTimeout, ServerState, error_response, internal_error
+from neodeploy.serve.app import (STATIC, ModelNotFound, PayloadTooLarge, RequestTimeout, ServerState, error_response,
+                                  internal_error)
 from neodeploy.serve.protocol import (DONE_EVENT, BadRequest, GenerationRequest, choice, chunk_event, error_event,
                                       finish_reason, parse_chat, parse_completion, parse_detokenize, parse_tokenize,
                                       response_body, role_chunk, usage)
@@ -51,7 +52,8 @@ def endpoint(handler: Callable[[ServerState, Request], Awaitable[Response]], sta
 
 async def health(state: ServerState, request: Request) -> Response:
     """Readiness: 200 once loaded and checked; 503 while loading, draining or after a failed load."""
-    body: dict[str, Any] = {"status": state.status, "model": state.options.name, "check": state.check}
+    body: dict[str, Any] = {"status": state.status, "model": state.options.name, "check": state.check,
+                            "api_key_required": bool(state.options.api_key)}
     if state.public_error:
         body["error"] = state.public_error
     if state.engine is not None:
@@ -65,10 +67,25 @@ async def metrics(state: ServerState, request: Request) -> Response:
 
 
 async def models(state: ServerState, request: Request) -> Response:
-    """The one model this server serves."""
+    """The one model this server serves, with its facts under `neodeploy` (what the playground shows)."""
+    from neodeploy.reference.spec import human_count
+
+    model = state.model
+    manifest = model.manifest
+    facts = {"family": manifest.spec.family, "parameters": human_count(manifest.spec.num_parameters()),
+             "precision": manifest.precision, "target": manifest.onnx.target, "backend": model.backend.name,
+             "chat_template": state.chat is not None, "check": state.check}
     return JSONResponse({"object": "list", "data": [{"id": state.options.name, "object": "model",
                                                      "created": state.created, "owned_by": "neodeploy",
-                                                     "max_model_len": state.engine.capacity}]})
+                                                     "max_model_len": state.engine.capacity, "neodeploy": facts}]})
+
+
+async def playground(state: ServerState, request: Request) -> Response:
+    """The playground page (not routed with --no-ui)."""
+    # Everything the page loads or calls is this server: the browser enforces it.
+    policy = "default-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; img-src 'self' data:"
+    return FileResponse(STATIC / "playground.html", headers={"Content-Security-Policy": policy,
+                                                             "Cache-Control": "no-cache"})
 
 
 async def completions(state: ServerState, request: Request) -> Response:
@@ -110,6 +127,7 @@ async def detokenize(state: ServerState, request: Request) -> Response:
 
 
 ROUTES = (
+    ("GET", "/", playground, None),
     ("GET", "/health", health, schema.Health),
     ("GET", "/metrics", metrics, None),
     ("GET", "/v1/models", models, schema.ModelList),

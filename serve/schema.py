@@ -179,6 +179,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    neodeploy: Optional[dict] = Field(None, description="the model's facts: family, parameters, precision, target, "
+                                      "backend, chat_template, check")
 
 
 class ModelList(BaseModel):
@@ -201,6 +203,7 @@ class Health(BaseModel):
     status: Literal["loading", "ready", "failed", "draining"]
     model: str
     check: Optional[dict]
+    api_key_required: bool
     error: Optional[str] = None
     running: Optional[int] = None
     waiting: Optional[int] = None
