@@ -83,6 +83,8 @@ def main(artifact: str, prompts_file: str, in_namespace: bool, drifted: str) -> 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, jobs))
     bad = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "x", "best_of": 2})
+    page = httpx.get(f"{url}/", timeout=10)  # the playground through Serve's proxy, with its script
+    script = httpx.get(f"{url}/static/playground.js", timeout=10)
     # Each replica's engine metrics, through Ray's metrics export (what a cluster's Prometheus scrapes).
     exported: dict[str, float] = {}
     deadline = time.monotonic() + 30
@@ -111,6 +113,7 @@ def main(artifact: str, prompts_file: str, in_namespace: bool, drifted: str) -> 
     ray.shutdown()
     print(json.dumps({"answers": answers, "pids": pids, "ready_s": round(ready_s, 1), "bad_status": bad.status_code,
                       "bad_param": bad.json()["error"]["param"],
+                      "page": [page.status_code, "playground.js" in page.text, script.status_code],
                       "exported_tokens": exported, "drift_error": drift_error}))
     sys.stdout.flush()
 

@@ -54,6 +54,7 @@ def test_two_replicas_serve_what_model_generate_returns(exported, tmp_path):
     replicas = {a["replica"] for a in report["answers"]}
     assert len(replicas) == 2 and None not in replicas, replicas
     assert report["bad_status"] == 400 and report["bad_param"] == "best_of"
+    assert report["page"] == [200, True, 200]
     # Ray's metrics export carries each replica's generated-token count, and they add up to what was served.
     assert set(report["exported_tokens"]) == replicas
     served = sum(len(model.generate(p, max_new_tokens=n)[0].output_ids) for p, n, _ in jobs)
