@@ -374,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
-                          prefill_chunk=args.prefill_chunk)
+                          prefill_chunk=args.prefill_chunk, prefix_cache=0 if args.no_prefix_cache else args.prefix_cache)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
     options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
                            config, args.skip_check, args.backend, args.grace_period,
@@ -723,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
                    "default max_context per slot")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (default 256)")
+    p.add_argument("--prefix-cache", default="auto", metavar="SIZE", help="memory for reusing the KV of shared prompt "
+                   "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set NEODEPLOY_API_KEY)")
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")

@@ -107,6 +107,19 @@ class DecodeBatch:
         self.mask, self.lengths = mask, mask.sum(1)
         return None if self.pending is not None else logits
 
+    def resume(self, arrays: list[np.ndarray], rest: Sequence[int], capacity: int) -> None:
+        """Start a batch-1 prefill from cached past arrays [1, heads, m, head_dim] (the prefix cache's) with the
+        rest of the prompt pending: `advance` then runs it as it runs a chunked prefill's later chunks."""
+        m = arrays[0].shape[2]
+        if self.backend.in_place:
+            self.state = self.backend.new_cache(1, max(capacity, m + 1))
+            for dst, src in zip(self.backend.cache_arrays(self.state, 1, m), arrays):
+                dst[...] = src
+        else:
+            self.state = self.backend.wrap_cache(arrays)
+        self.mask, self.lengths = np.ones((1, m), np.int64), np.array([m], np.int64)
+        self.pending = np.asarray([list(rest)], dtype=np.int64)
+
     def advance(self, chunk: int) -> np.ndarray | None:
         """Run the next chunk of a chunked prefill (batch 1); returns the logits after the last one."""
         ids, self.pending = self.pending[:, :chunk], (self.pending[:, chunk:] if self.pending.shape[1] > chunk else None)

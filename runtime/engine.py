@@ -34,6 +34,7 @@ from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, Usage
 from neodeploy.runtime.batch import DecodeBatch
 from neodeploy.files import parse_size
 from neodeploy.runtime.manifest import Manifest
+from neodeploy.runtime.prefix import PrefixCache
 from neodeploy.runtime.sampling import SamplingParams
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
 
@@ -53,18 +54,44 @@ def parse_kv_budget(budget: int | str | None, manifest: Manifest) -> int | None:
     return tokens
 
 
+def parse_prefix_cache(value: int | str | None) -> int:
+    """Bytes for the prefix cache: "auto" (min(1 GiB, a tenth of this machine's memory)), 0 / None (off), a byte
+    count, or a size ("512MiB")."""
+    if value is None or value is False:
+        return 0
+    if value == "auto":
+        try:
+            import os
+
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            memory = 8 << 30
+        return min(1 << 30, memory // 10)
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif str(value).strip().isdigit():
+        size = int(str(value).strip())
+    else:
+        size = parse_size(value)
+    if size is None or size < 0:
+        raise UsageError(f"prefix cache {value!r} is not a size (512MiB, 2GB, a byte count, 0 for off, or auto)")
+    return size
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 8  # sequences decoded together
     max_waiting: int = 64  # queued requests beyond the running ones; past it submit raises OverloadedError
     kv_budget: int | str | None = None  # tokens over all running slots, or bytes ("2GiB"); default max_context each
     prefill_chunk: int = 256  # prompt tokens prefilled per step boundary
+    prefix_cache: int | str | None = "auto"  # bytes of reusable prompt KV (runtime/prefix.py); 0 or None: off
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_waiting", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_waiting" else 1):
                 raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
+        parse_prefix_cache(self.prefix_cache)
 
 
 class EngineObserver:
@@ -75,6 +102,8 @@ class EngineObserver:
     def token(self, handle: Handle, first: bool, seconds: float) -> None: ...
 
     def finished(self, handle: Handle, reason: str) -> None: ...
+
+    def prefix(self, query_tokens: int, hit_tokens: int) -> None: ...
 
 
 _END = object()
@@ -90,6 +119,7 @@ class Handle:
         self.last_token_at: float | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
@@ -196,6 +226,8 @@ class Engine:
         if pooled:  # allocated once, up front: decoding never allocates cache memory
             self._batch.state = backend.new_cache(self.max_running, self.capacity)
             backend.set_rows(self._batch.state, 0)
+        budget = parse_prefix_cache(self.config.prefix_cache) if backend.joinable else 0
+        self.prefix = PrefixCache(budget) if budget else None  # moves KV in and out of batches: joinable only
         self._running: list[_Entry] = []
         self._prefilling: list[_Entry] = []
         self._waiting: collections.deque[_Entry] = collections.deque()
@@ -316,15 +348,8 @@ class Engine:
                 break
             try:
                 self._hold()
-                if entry.batch is None:
-                    entry.batch = DecodeBatch(self.model.backend)
-                    prompt = entry.handle.prompt_ids
-                    done_before = 0
-                    logits = entry.batch.prefill([prompt], self.model.pad_token_id, capacity=len(prompt), chunk=budget)
-                else:
-                    done_before = entry.batch.lengths[0]
-                    logits = entry.batch.advance(budget)
-                budget -= int(entry.batch.lengths[0] - done_before)
+                logits, used = self._prefill_chunk(entry, budget)
+                budget -= used
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 self._prefilling.remove(entry)
                 self._fail([entry], exc)
@@ -332,6 +357,9 @@ class Engine:
             if logits is None:
                 continue  # more chunks to come
             self._prefilling.remove(entry)
+            if self.prefix is not None:
+                prompt = entry.handle.prompt_ids
+                self.prefix.store(prompt, self.model.backend.cache_arrays(entry.batch.state, 1, len(prompt)))
             try:
                 delta = entry.handle.sequence.feed(logits[0])
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
@@ -343,6 +371,27 @@ class Engine:
                 self._batch.join(entry.batch)
                 self._running.append(entry)
             entry.batch = None
+
+    def _prefill_chunk(self, entry: _Entry, budget: int) -> tuple[np.ndarray | None, int]:
+        """Run up to `budget` prompt tokens of one request: (logits once its prompt is done, tokens run). A new
+        request starts from the longest cached prefix of its prompt, if any."""
+        if entry.batch is not None:
+            before = int(entry.batch.lengths[0])
+            logits = entry.batch.advance(budget)
+            return logits, int(entry.batch.lengths[0]) - before
+        prompt = entry.handle.prompt_ids
+        entry.batch = DecodeBatch(self.model.backend)
+        hit = self.prefix.lookup(prompt) if self.prefix is not None else None
+        if self.prefix is not None:
+            self.observer.prefix(len(prompt), hit[0] if hit else 0)
+        if hit is None:
+            logits = entry.batch.prefill([prompt], self.model.pad_token_id, capacity=len(prompt), chunk=budget)
+            return logits, int(entry.batch.lengths[0])
+        reused, arrays = hit
+        entry.handle.cached_tokens = reused
+        entry.batch.resume(arrays, prompt[reused:], capacity=len(prompt))
+        logits = entry.batch.advance(budget)
+        return logits, int(entry.batch.lengths[0]) - reused
 
     def _decode(self) -> None:
         if not self._running:

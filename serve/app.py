@@ -122,10 +122,11 @@ class ServerState:
             self.metrics.watch(self.engine)
             self.model = model
             self.status = "ready"
+            prefix = f"{self.engine.prefix.budget / 2**20:.0f} MiB" if self.engine.prefix else "off"
             print(f"neodeploy serve: {options.name} ready ({model.backend.name}, {model.manifest.precision}; "
                   f"{self.engine.max_running} running x {self.engine.capacity} tokens, KV cache "
-                  f"{self.engine.kv_bytes / 2**20:.1f} MiB; chat template: {chat}; check: {self.check})",
-                  file=sys.stderr, flush=True)
+                  f"{self.engine.kv_bytes / 2**20:.1f} MiB; prefix cache {prefix}; chat template: {chat}; "
+                  f"check: {self.check})", file=sys.stderr, flush=True)
         except NeodeployError as exc:
             self._fail(str(exc), self.exit_code or 2)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported in one line, never served

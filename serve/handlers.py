@@ -272,7 +272,7 @@ async def complete(state, req, rid, encoded, handles, connection) -> Response:
         finish = "tool_calls" if call else finish_reason(result.finish_reason)
         choices.append(choice(req, index, echo + result.text, finish, result.logprobs, token_text, tool_call=call))
     body = response_body(req, rid, int(time.time()), state.options.name, choices,
-                         usage([len(e) for e in encoded], [r.output_ids for r in results]))
+                         usage([len(e) for e in encoded], [r.output_ids for r in results], cached(handles, req.n)))
     return JSONResponse(body)
 
 
@@ -313,7 +313,8 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
                     yield event([choice(req, index, delta.text, finish, samples, token_text, streaming=True)])
                 delta = await connection.race(anext(stream, None))
         if req.include_usage:
-            yield event([], usage([len(e) for e in encoded], [h.result(0).output_ids for h in handles]))
+            yield event([], usage([len(e) for e in encoded], [h.result(0).output_ids for h in handles],
+                                  cached(handles, req.n)))
         yield DONE_EVENT
     except ClientGone:
         raise
@@ -325,6 +326,11 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
         connection.close()
         for h in handles:
             h.cancel()  # the client went away (or we are done): free the slots
+
+
+def cached(handles: list, n: int) -> int:
+    """Prompt tokens served from the prefix cache, each prompt counted once (its n choices share it)."""
+    return sum(h.cached_tokens for h in handles[::n])
 
 
 def token_texts(model) -> Callable[[int], str]:

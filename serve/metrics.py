@@ -32,10 +32,20 @@ class Metrics(EngineObserver):
         self.batch = Histogram("neodeploy_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram("neodeploy_step_seconds", "Time of one decode step", buckets=LATENCY_BUCKETS,
                                       registry=r)
+        self.prefix_queries = Counter("neodeploy_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                                      "cache", registry=r)
+        self.prefix_hits = Counter("neodeploy_prefix_cache_hit_tokens", "Prompt tokens whose KV the prefix cache "
+                                   "had", registry=r)
+        self.prefix_bytes = Gauge("neodeploy_prefix_cache_bytes", "Bytes the prefix cache holds", registry=r)
 
     def watch(self, engine) -> None:
         self.running.set_function(lambda: engine.running)
         self.waiting.set_function(lambda: engine.waiting)
+        self.prefix_bytes.set_function(lambda: engine.prefix.bytes if engine.prefix is not None else 0)
+
+    def prefix(self, query_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(query_tokens)
+        self.prefix_hits.inc(hit_tokens)
 
     # EngineObserver, called from the engine thread
     def step(self, batch_size: int, seconds: float) -> None:

@@ -300,10 +300,12 @@ def finish_reason(reason: str) -> str:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(reason, reason)
 
 
-def usage(prompt_lengths: list[int], outputs: list[list[int]]) -> dict:
-    """Each prompt counted once (n choices share it) and every generated token (a stop token is not output)."""
+def usage(prompt_lengths: list[int], outputs: list[list[int]], cached_tokens: int = 0) -> dict:
+    """Each prompt counted once (n choices share it) and every generated token (a stop token is not output);
+    `prompt_tokens_details.cached_tokens`: prompt tokens whose KV came from the prefix cache, as OpenAI reports it."""
     prompt, completion = sum(prompt_lengths), sum(len(o) for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion_logprobs(samples: list[Sample], token_text: TokenText) -> dict:

@@ -1,0 +1,83 @@
+"""The automatic prefix cache: the KV of prompts the engine already prefilled, reused by later prompts that start
+with the same tokens (a system prompt, few-shot examples, a growing conversation).
+
+Blocks of BLOCK tokens are keyed by (the parent block's id, the block's tokens), as vLLM chains its block hashes:
+a block is only ever reached through the exact tokens before it, so a hit is an exact match of the whole prefix
+(the dict compares the token tuples; no hash collision can alias two prefixes). Each block holds the keys and
+values of its tokens for every layer, copied out of the prefill that computed them, within a byte budget;
+the least recently used block goes first (a block whose parent went is unreachable and ages out the same way).
+
+A prompt's reuse stops one token short of its end (the last position's logits must be computed) and at a block
+boundary. The cached keys and values are those a batch-1 prefill without padding computed at the same positions,
+which is what the engine's own prefill of the new prompt would compute there (rotary inside the CPU target's kernel
+included: cache index = position in an unpadded row), so the rest of the prompt continues from them exactly as a
+chunked prefill continues from its earlier chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 16  # tokens per block (vLLM's default)
+
+
+@dataclass
+class _Block:
+    id: int
+    kv: np.ndarray  # [2 x layers, heads, BLOCK, head_dim]: past_key_values.{i}.key / value in order
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int, block: int = BLOCK):
+        self.budget, self.block = budget_bytes, block
+        self._blocks: collections.OrderedDict[tuple[int, tuple[int, ...]], _Block] = collections.OrderedDict()
+        self._next_id = 1
+        self.bytes = 0
+        self.query_tokens = self.hit_tokens = 0
+
+    def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray]] | None:
+        """(tokens reused, the past arrays [1, heads, tokens, head_dim] per past input) for the longest cached
+        prefix of prompt that leaves at least one token to run; None on a miss. Counts the query."""
+        self.query_tokens += len(prompt)
+        found, parent, b = [], 0, self.block
+        usable = len(prompt) - 1
+        for start in range(0, usable - usable % b, b):
+            key = (parent, tuple(prompt[start:start + b]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            self._blocks.move_to_end(key)
+            found.append(block.kv)
+            parent = block.id
+        if not found:
+            return None
+        kv = np.concatenate(found, axis=2)  # [2L, heads, tokens, head_dim]
+        self.hit_tokens += kv.shape[2]
+        return kv.shape[2], [a[None] for a in kv]
+
+    def store(self, prompt: list[int], arrays: list[np.ndarray]) -> None:
+        """Keep the whole blocks of a prefilled prompt; arrays: its past [1, heads, >= len(prompt), head_dim]."""
+        parent, b = 0, self.block
+        for start in range(0, len(prompt) - len(prompt) % b, b):
+            key = (parent, tuple(prompt[start:start + b]))
+            block = self._blocks.get(key)
+            if block is None:
+                kv = np.stack([a[0, :, start:start + b] for a in arrays])
+                if kv.nbytes > self.budget:
+                    return
+                while self.bytes + kv.nbytes > self.budget:
+                    _, old = self._blocks.popitem(last=False)
+                    self.bytes -= old.kv.nbytes
+                block = self._blocks[key] = _Block(self._next_id, kv)
+                self._next_id += 1
+                self.bytes += kv.nbytes
+            else:
+                self._blocks.move_to_end(key)
+            parent = block.id
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self.bytes = 0

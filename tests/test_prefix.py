@@ -1,0 +1,117 @@
+"""The prefix cache is exact: a request's output is the same with the cache on or off, equal to Model.generate
+alone, on both families and both graph kinds (GPT-Neo's local window of 4 crossing the reuse boundary; the CPU
+target's rotary inside the kernel), with reused rows joining a running, left-padded batch; and it is reported
+as OpenAI reports it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import tiny_neo, tiny_neox
+from neodeploy.runtime import load
+from neodeploy.runtime.engine import Engine, EngineConfig, parse_prefix_cache
+from neodeploy.runtime.prefix import BLOCK, PrefixCache
+from neodeploy.runtime.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module", params=[("gpt_neox", "portable"), ("gpt_neox", "cpu"), ("gpt_neo", "portable"),
+                                        ("gpt_neo", "cpu")], ids=lambda p: "-".join(p))
+def model(request, exported):
+    family, target = request.param
+    spec = tiny_neox() if family == "gpt_neox" else tiny_neo()
+    return load(exported(f"prefix-{family}", spec, target=target)[1])
+
+
+def _prompts(seed=0):
+    """Prompts sharing a 40-token system prefix (two whole blocks and a half), one sharing only its first block,
+    one that is exactly two blocks long (reuse stops a token short of the end), and strangers."""
+    rng = random.Random(seed)
+    system = [rng.randrange(1, 300) for _ in range(40)]
+    shared = [system + [rng.randrange(1, 300) for _ in range(rng.randint(1, 20))] for _ in range(6)]
+    return ([system + [7, 8, 9]] + shared + [system[:BLOCK] + [5] * 12, system[:2 * BLOCK]]
+            + [[rng.randrange(1, 300) for _ in range(rng.randint(3, 30))] for _ in range(3)])
+
+
+def _params(i):
+    return SamplingParams(max_new_tokens=6 + i % 5, temperature=0.0 if i % 2 else 0.8, seed=i)
+
+
+def _run(model, prompts, prefix_cache):
+    engine = Engine(model, EngineConfig(max_running=3, prefill_chunk=24, prefix_cache=prefix_cache))
+    try:
+        first = engine.submit(prompts[0], _params(0))  # fills the cache
+        results = [first.result(60)]
+        handles = [engine.submit(p, _params(i)) for i, p in enumerate(prompts[1:], 1)]  # join a running batch
+        results += [h.result(60) for h in handles]
+        return results, [first.cached_tokens] + [h.cached_tokens for h in handles], engine.prefix
+    finally:
+        engine.close()
+
+
+def test_outputs_are_identical_with_the_cache_on_or_off_and_equal_alone(model):
+    prompts = _prompts()
+    on, cached, cache = _run(model, prompts, "64MiB")
+    off, none, _ = _run(model, prompts, 0)
+    for i, (prompt, a, b) in enumerate(zip(prompts, on, off)):
+        alone = model.generate(prompt, _params(i))[0]
+        assert a.output_ids == b.output_ids == alone.output_ids, i
+        assert a.finish_reason == b.finish_reason == alone.finish_reason
+    assert cached[0] == 0 and none == [0] * len(prompts)
+    assert all(c == 2 * BLOCK for c in cached[1:7])  # the shared system prompt, reused
+    assert cached[7] == BLOCK and cached[8] == BLOCK  # one block shared; exactly two blocks long: one reused
+    assert cache.hit_tokens == sum(cached) and cache.query_tokens == sum(len(p) for p in prompts)
+
+
+def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used():
+    layers, heads, dim = 2, 2, 4
+    block_bytes = 2 * layers * heads * BLOCK * dim * 4
+    cache = PrefixCache(3 * block_bytes)
+
+    def arrays(n):
+        return [np.full((1, heads, n, dim), i, np.float32) for i in range(2 * layers)]
+
+    a, b = list(range(48)), [1000 + t for t in range(48)]
+    cache.store(a, arrays(48))  # three blocks: full
+    assert cache.bytes == 3 * block_bytes
+    assert cache.lookup(a + [1])[0] == 3 * BLOCK
+    cache.store(b[:16], arrays(16))  # evicts a's first block, the least recently used
+    assert cache.bytes == 3 * block_bytes
+    assert cache.lookup(a + [1]) is None  # its chain starts with the evicted block
+    reused, kv = cache.lookup(b[:16] + [2])
+    assert reused == BLOCK and kv[3].shape == (1, heads, BLOCK, dim) and (kv[3] == 3).all()
+    assert parse_prefix_cache("auto") <= 1 << 30 and parse_prefix_cache("512MiB") == 512 << 20
+    assert parse_prefix_cache(None) == 0
+
+
+def test_cached_tokens_in_usage_and_metrics(exported):
+    from neodeploy.serve.app import ServeOptions, ServerState, create_app
+
+    _, art = exported("prefix-gpt_neox", tiny_neox(), target="cpu")
+    options = ServeOptions(art, "tiny", skip_check=True)
+    state = ServerState(options)
+    state.load()
+    prompt = list(range(1, 41))
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(options, state)),
+                                     base_url="http://test") as c:
+            out = []
+            for ids in (prompt + [50], prompt + [60, 61]):
+                r = await c.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 3,
+                                                           "temperature": 0})
+                out.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+            return out, (await c.get("/metrics")).text
+
+    try:
+        cached, metrics = asyncio.run(go())
+    finally:
+        state.engine.close()
+    assert cached == [0, 2 * BLOCK]
+    assert f"neodeploy_prefix_cache_hit_tokens_total {2 * BLOCK}.0" in metrics
+    assert "neodeploy_prefix_cache_query_tokens_total 83.0" in metrics
+    assert "neodeploy_prefix_cache_bytes " in metrics and "neodeploy_prefix_cache_bytes 0.0" not in metrics
