@@ -374,7 +374,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
-                          prefill_chunk=args.prefill_chunk, prefix_cache=0 if args.no_prefix_cache else args.prefix_cache)
+                          prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk or args.prefill_chunk,
+                          prefix_cache=0 if args.no_prefix_cache else args.prefix_cache)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
     options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
                            config, args.skip_check, args.backend, args.grace_period,
@@ -403,7 +404,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"bench-serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
     concurrency = _int_list(args.concurrency)
     report = bench.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
-                               args.prompt, args.new_tokens, not args.no_baseline, args.max_running)
+                               args.prompt, args.new_tokens, not args.no_baseline, args.max_running,
+                               workload=args.workload, prefix_len=args.prefix)
     print(bench.table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -723,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
                    "default max_context per slot")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (default 256)")
+    p.add_argument("--busy-prefill-chunk", type=int, help="prompt tokens prefilled per step while others decode "
+                   "(default: --prefill-chunk); smaller keeps their token gaps even, larger gives newcomers their "
+                   "first token sooner")
     p.add_argument("--prefix-cache", default="auto", metavar="SIZE", help="memory for reusing the KV of shared prompt "
                    "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
@@ -756,7 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="the key for --url")
     p.add_argument("--concurrency", default="1,4,8,16", help="concurrent clients, comma-separated")
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
-    p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
+    p.add_argument("--prompt", type=int, default=128, help="prompt length in tokens (each request's own, with "
+                   "--workload shared-prefix)")
+    p.add_argument("--workload", default="random", choices=["random", "shared-prefix"], help="random prompts, or "
+                   "one shared prefix (--prefix tokens) before each request's own --prompt tokens")
+    p.add_argument("--prefix", type=int, default=512, help="the shared prefix's length (default 512)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per request")
     p.add_argument("--max-running", type=int, help="the started server's --max-running (default: the top concurrency)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Model.generate threads baseline")

@@ -83,11 +83,12 @@ class EngineConfig:
     max_running: int = 8  # sequences decoded together
     max_waiting: int = 64  # queued requests beyond the running ones; past it submit raises OverloadedError
     kv_budget: int | str | None = None  # tokens over all running slots, or bytes ("2GiB"); default max_context each
-    prefill_chunk: int = 256  # prompt tokens prefilled per step boundary
+    prefill_chunk: int = 256  # prompt tokens prefilled per step boundary while nothing is decoding
+    busy_prefill_chunk: int = 256  # ... and while others decode: bounds how long a newcomer delays their next token
     prefix_cache: int | str | None = "auto"  # bytes of reusable prompt KV (runtime/prefix.py); 0 or None: off
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_waiting", "prefill_chunk"):
+        for name in ("max_running", "max_waiting", "prefill_chunk", "busy_prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_waiting" else 1):
                 raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
@@ -342,7 +343,7 @@ class Engine:
             self._held = True
 
     def _prefill(self) -> None:
-        budget = self.config.prefill_chunk
+        budget = self.config.busy_prefill_chunk if self._running else self.config.prefill_chunk
         for entry in list(self._prefilling):
             if budget <= 0:
                 break

@@ -142,26 +142,41 @@ def _start_server(artifact: Path, max_running: int, max_waiting: int, echo) -> t
     raise UsageError("the server did not become ready within 600 s")
 
 
+PROMPT_VOCAB = 50000  # prompt ids are drawn from [1, 50000) whatever serves them: every system gets the same requests
+WORKLOADS = ("random", "shared-prefix")
+
+
+def request_set(workload: str, requests: int, prompt_len: int, prefix_len: int, vocab: int, eos: int | None) -> list:
+    """The fixed prompts (token ids, seed 0): "random" draws each whole; "shared-prefix" gives every request one
+    common prefix of prefix_len tokens (a system prompt, few-shot examples) before its own prompt_len tokens."""
+    if workload not in WORKLOADS:
+        raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+    rng = np.random.default_rng(0)
+    high = min(vocab, PROMPT_VOCAB)
+
+    def draw(n):
+        return [int(i) if i != eos else 1 for i in rng.integers(1, high, n)]
+
+    prefix = draw(prefix_len) if workload == "shared-prefix" else []
+    return [prefix + draw(prompt_len) for _ in range(requests)]
+
+
 def bench_serve(artifact: str | Path | None, url: str | None = None, model_name: str | None = None,
                 api_key: str | None = None, concurrency: list[int] = (1, 4, 8, 16), requests: int = 64,
                 prompt_len: int = 128, new_tokens: int = 64, baseline: bool = True, max_running: int | None = None,
-                echo=print) -> dict:
+                echo=print, workload: str = "random", prefix_len: int = 512) -> dict:
     from neodeploy.runtime import load
 
     if not artifact and not url:
         raise UsageError("give an ARTIFACT (its server is started here) or --url of a running server")
-    if any(c < 1 for c in concurrency) or requests < 1 or prompt_len < 1 or new_tokens < 1:
+    if any(c < 1 for c in concurrency) or requests < 1 or prompt_len < 1 or new_tokens < 1 or prefix_len < 0:
         raise UsageError("concurrency, requests, prompt and new tokens must be positive")
     model = load(artifact) if artifact else None
-    vocab = model.vocab_size if model else 50000
-    if model and prompt_len + new_tokens > model.max_context:
-        raise UsageError(f"prompt {prompt_len} + new tokens {new_tokens} exceed the artifact's context {model.max_context}")
-    rng = np.random.default_rng(0)
-    eos = model.eos_token_id if model else None
-    prompts = []
-    for _ in range(requests):
-        ids = rng.integers(1, vocab, prompt_len)
-        prompts.append([int(i) if i != eos else 1 for i in ids])
+    total = prompt_len + (prefix_len if workload == "shared-prefix" else 0)
+    if model and total + new_tokens > model.max_context:
+        raise UsageError(f"prompt {total} + new tokens {new_tokens} exceed the artifact's context {model.max_context}")
+    prompts = request_set(workload, requests, prompt_len, prefix_len, model.vocab_size if model else PROMPT_VOCAB,
+                          model.eos_token_id if model else None)
     proc = None
     if url is None:
         proc, url = _start_server(Path(artifact), max_running or max(concurrency), requests, echo)
@@ -186,8 +201,8 @@ def bench_serve(artifact: str | Path | None, url: str | None = None, model_name:
             except subprocess.TimeoutExpired:
                 proc.kill()
     load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
-    report = {"artifact": str(artifact) if artifact else None, "url": url, "requests": requests,
-              "prompt": prompt_len, "new_tokens": new_tokens, "load_average": load_avg, "rows": rows}
+    report = {"artifact": str(artifact) if artifact else None, "url": url, "requests": requests, "workload": workload,
+              "prompt": total, "new_tokens": new_tokens, "load_average": load_avg, "rows": rows}
     for c in concurrency:
         server = next((r for r in rows if r["system"] == "server" and r["concurrency"] == c), None)
         base = next((r for r in rows if r["system"] == "baseline" and r["concurrency"] == c), None)

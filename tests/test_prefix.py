@@ -115,3 +115,15 @@ def test_cached_tokens_in_usage_and_metrics(exported):
     assert f"neodeploy_prefix_cache_hit_tokens_total {2 * BLOCK}.0" in metrics
     assert "neodeploy_prefix_cache_query_tokens_total 83.0" in metrics
     assert "neodeploy_prefix_cache_bytes " in metrics and "neodeploy_prefix_cache_bytes 0.0" not in metrics
+
+
+def test_bench_serve_request_sets_are_the_same_for_every_system():
+    """Prompt ids come from one range whatever serves them (an artifact's 50304-row vocabulary drew from all of it,
+    --url from 50000: two systems measured on different requests); shared-prefix requests share their prefix."""
+    from neodeploy.serve.bench import request_set
+
+    ours = request_set("random", 8, 128, 0, 50304, 0)
+    theirs = request_set("random", 8, 128, 0, 50000, None)
+    assert ours == theirs and max(max(p) for p in ours) < 50000 and 0 not in {t for p in ours for t in p}
+    shared = request_set("shared-prefix", 4, 16, 512, 50304, 0)
+    assert all(len(p) == 528 and p[:512] == shared[0][:512] for p in shared) and len({tuple(p[512:]) for p in shared}) == 4
