@@ -374,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
-                          prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk or args.prefill_chunk,
+                          prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
                           prefix_cache=0 if args.no_prefix_cache else args.prefix_cache)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
     options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
@@ -725,9 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
                    "default max_context per slot")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (default 256)")
-    p.add_argument("--busy-prefill-chunk", type=int, help="prompt tokens prefilled per step while others decode "
-                   "(default: --prefill-chunk); smaller keeps their token gaps even, larger gives newcomers their "
-                   "first token sooner")
+    p.add_argument("--busy-prefill-chunk", type=int, default=64, help="prompt tokens prefilled per step while others "
+                   "decode (default 64); smaller keeps their token gaps even, larger gives newcomers their first token "
+                   "and the batch its throughput sooner")
     p.add_argument("--prefix-cache", default="auto", metavar="SIZE", help="memory for reusing the KV of shared prompt "
                    "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
