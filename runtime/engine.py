@@ -230,6 +230,10 @@ class Engine:
             self._batch.state = backend.new_cache(self.max_running, self.capacity)
             backend.set_rows(self._batch.state, 0)
         budget = parse_prefix_cache(self.config.prefix_cache) if backend.joinable else 0
+        if self.config.prefix_cache == "auto" and model.manifest.quantization is not None:
+            # int8 graphs quantize activations with one scale per call, so a prefix's keys depend on the rest of
+            # the chunk that computed them: reuse would not be exact. An explicit size turns it on anyway.
+            budget = 0
         self.prefix = PrefixCache(budget) if budget else None  # moves KV in and out of batches: joinable only
         self._running: list[_Entry] = []
         self._prefilling: list[_Entry] = []
@@ -362,7 +366,10 @@ class Engine:
             self._prefilling.remove(entry)
             if self.prefix is not None:
                 prompt = entry.handle.prompt_ids
-                self.prefix.store(prompt, self.model.backend.cache_arrays(entry.batch.state, 1, len(prompt)))
+                try:
+                    self.prefix.store(prompt, self.model.backend.cache_arrays(entry.batch.state, 1, len(prompt)))
+                except Exception:  # noqa: BLE001 - the cache is an optimisation: a failure to keep a prefix (memory)
+                    self.prefix.clear()  # costs later requests their reuse, never this request
             try:
                 delta = entry.handle.sequence.feed(logits[0])
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on

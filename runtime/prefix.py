@@ -42,16 +42,17 @@ class PrefixCache:
         """(tokens reused, the past arrays [1, heads, tokens, head_dim] per past input) for the longest cached
         prefix of prompt that leaves at least one token to run; None on a miss. Counts the query."""
         self.query_tokens += len(prompt)
-        found, parent, b = [], 0, self.block
+        found, keys, parent, b = [], [], 0, self.block
         usable = len(prompt) - 1
         for start in range(0, usable - usable % b, b):
             key = (parent, tuple(prompt[start:start + b]))
             block = self._blocks.get(key)
             if block is None:
                 break
-            self._blocks.move_to_end(key)
+            keys.append(key)
             found.append(block.kv)
             parent = block.id
+        self._touch(keys)
         if not found:
             return None
         kv = np.concatenate(found, axis=2)  # [2L, heads, tokens, head_dim]
@@ -60,23 +61,31 @@ class PrefixCache:
 
     def store(self, prompt: list[int], arrays: list[np.ndarray]) -> None:
         """Keep the whole blocks of a prefilled prompt; arrays: its past [1, heads, >= len(prompt), head_dim]."""
-        parent, b = 0, self.block
+        keys, parent, b = [], 0, self.block
         for start in range(0, len(prompt) - len(prompt) % b, b):
             key = (parent, tuple(prompt[start:start + b]))
             block = self._blocks.get(key)
             if block is None:
                 kv = np.stack([a[0, :, start:start + b] for a in arrays])
                 if kv.nbytes > self.budget:
-                    return
+                    break
+                self._touch(keys)  # this prompt's earlier blocks are not the ones to make room
                 while self.bytes + kv.nbytes > self.budget:
                     _, old = self._blocks.popitem(last=False)
                     self.bytes -= old.kv.nbytes
                 block = self._blocks[key] = _Block(self._next_id, kv)
                 self._next_id += 1
                 self.bytes += kv.nbytes
-            else:
-                self._blocks.move_to_end(key)
+            keys.append(key)
             parent = block.id
+        self._touch(keys)
+
+    def _touch(self, keys: list) -> None:
+        """Mark a chain used, its leaf first and its root last: eviction then takes leaves before the roots that
+        lead to them (evicting a root first would strand its whole chain in memory, unreachable)."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
     def clear(self) -> None:
         self._blocks.clear()

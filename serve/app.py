@@ -263,9 +263,10 @@ def _host_name(host: str) -> str:
 
 
 def _key_matches(header: bytes, key: str) -> bool:
-    """`Authorization: Bearer KEY`, the scheme in any case (RFC 7235); compared in constant time."""
-    scheme, _, token = header.decode("latin-1").strip().partition(" ")
-    return hmac.compare_digest(token.strip().encode() if scheme.lower() == "bearer" else b"", key.encode())
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 7235); the raw bytes compared in constant time with
+    the key's UTF-8 (a non-ASCII key works as clients send it)."""
+    scheme, _, token = header.strip().partition(b" ")
+    return hmac.compare_digest(token.strip() if scheme.lower() == b"bearer" else b"", key.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- the app

@@ -122,8 +122,15 @@ async def detokenize(state: ServerState, request: Request) -> Response:
     body = await read_json(request, state.options.body_timeout)
     model, tokens = parse_detokenize(body)
     served(state, model)
-    state.model.encode(tokens)  # refuses ids outside the vocabulary
-    return JSONResponse({"prompt": state.model.decode(tokens)})
+    if len(tokens) > 4 * state.engine.capacity:
+        raise BadRequest(f"{len(tokens)} tokens are far more than this model's context of {state.engine.capacity}; "
+                         "send fewer", "tokens")
+
+    def decode() -> str:
+        state.model.encode(tokens)  # refuses ids outside the vocabulary
+        return state.model.decode(tokens)
+
+    return JSONResponse({"prompt": await asyncio.to_thread(decode)})
 
 
 ROUTES = (
@@ -235,7 +242,9 @@ async def generate(state: ServerState, request: Request, req: GenerationRequest)
             raise BadRequest(f"the prompt ({len(encoded[0])} tokens) fills the context of {engine.capacity} "
                              "tokens; shorten the conversation", "messages")
         req = dataclasses.replace(req, params=dataclasses.replace(req.params, max_new_tokens=room))
-    handles = submit_all(state, req, encoded)
+    # In a worker: submit validates token ids and starts each sequence's grammar matcher (a copy of the compiled
+    # one, or a compile if the cache dropped it), neither of which may hold up the loop.
+    handles = await asyncio.to_thread(submit_all, state, req, encoded)
     connection = Connection(request.receive)
     rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
     try:
@@ -247,7 +256,12 @@ async def generate(state: ServerState, request: Request, req: GenerationRequest)
             h.cancel()
         raise
     # The status line goes out now, not with the first token: a queued stream's client sees the request taken.
-    return EventStream(events(state, req, rid, encoded, handles, connection))
+    def release() -> None:  # also when the stream never starts (its generator's finally would not run)
+        connection.close()
+        for h in handles:
+            h.cancel()
+
+    return EventStream(events(state, req, rid, encoded, handles, connection), release)
 
 
 async def complete(state, req, rid, encoded, handles, connection) -> Response:
@@ -296,11 +310,13 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
             elif req.echo:
                 yield event([choice(req, index, state.model.decode(handle.prompt_ids), None, [], token_text)])
             held = "" if req.tools and req.tools.may_be_call("") else None  # a possible tool call, held back
+            held_samples: list = []  # and the log-probabilities of its tokens, sent with the text that releases it
             while delta is not None:
                 samples = [delta.sample] if req.logprobs is not None and delta.kept else []
                 finish = finish_reason(delta.finish_reason) if delta.finish_reason else None
                 if held is not None:
                     held += delta.text
+                    held_samples += samples
                     if finish is None and req.tools.may_be_call(held):
                         delta = await connection.race(anext(stream, None))
                         continue
@@ -308,7 +324,7 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
                     if call:
                         yield event([choice(req, index, "", None, [], token_text, streaming=True, tool_call=call)])
                         finish = "tool_calls"
-                    delta, held = dataclasses.replace(delta, text="" if call else held), None
+                    delta, held, samples = dataclasses.replace(delta, text="" if call else held), None, held_samples
                 if delta.text or delta.kept or finish:  # one chunk per token, even while its text is held back
                     yield event([choice(req, index, delta.text, finish, samples, token_text, streaming=True)])
                 delta = await connection.race(anext(stream, None))
@@ -367,15 +383,18 @@ class Connection:
 class EventStream(StreamingResponse):
     """text/event-stream from an async iterator of events; the iterator itself notices a client that left."""
 
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.release = release
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for event in self.body_iterator:
                 await send({"type": "http.response.body", "body": event.encode("utf-8"), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except ClientGone:
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.release()  # the slots of a stream that ended, failed to send, or never started

@@ -49,19 +49,21 @@ class ToolChoice:
         return None if self.mode == "none" else [t.as_openai() for t in self.tools]
 
     def read(self, text: str) -> dict | None:
-        """The call in an output, as OpenAI's `tool_calls[0]`, or None when the output is text (or was cut)."""
-        body = text.strip()
+        """The call in an output, as OpenAI's `tool_calls[0]`, or None when the output is text (or was cut). In auto
+        mode only an output that begins with the marker itself is a call (the grammar constrains exactly those;
+        text that begins with a space is free, so a marker after it is text), and only a call to an offered tool."""
+        body = text
         if self.mode == "auto":
-            if not (body.startswith(CALL_OPEN) and body.endswith(CALL_CLOSE)):
+            if not (body.startswith(CALL_OPEN) and body.rstrip().endswith(CALL_CLOSE)):
                 return None
-            body = body[len(CALL_OPEN):-len(CALL_CLOSE)]
+            body = body.rstrip()[len(CALL_OPEN):-len(CALL_CLOSE)]
         elif self.mode != "required":
             return None
         try:
             call = json.loads(body)
         except ValueError:
             return None  # cut by max_tokens: the text is returned as it is, finish_reason "length"
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        if not isinstance(call, dict) or call.get("name") not in {t.name for t in self.tools}:
             return None
         return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                 "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}),
@@ -73,8 +75,7 @@ class ToolChoice:
             return True
         if self.mode != "auto":
             return False
-        start = text.lstrip()
-        return not start or start.startswith(CALL_OPEN) or CALL_OPEN.startswith(start)
+        return text.startswith(CALL_OPEN) or CALL_OPEN.startswith(text)
 
     def system_note(self) -> str:
         """For a chat template that does not take `tools`: how the model learns of them."""
@@ -101,9 +102,29 @@ def _tool(spec: Any, index: int) -> Tool:
 
 
 def _call_schema(tools: tuple[Tool, ...]) -> dict:
-    calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    """One call to one of the tools: {"name": const, "arguments": its parameters}. Each tool's `$defs` move to the
+    root under a prefix of their own (pydantic nests models there), with its `$ref`s rewritten to match."""
+    calls, defs = [], {}
+    for i, t in enumerate(tools):
+        parameters = dict(t.parameters)
+        own = parameters.pop("$defs", None) or parameters.pop("definitions", None) or {}
+        rename = {f"#/$defs/{k}": f"#/$defs/t{i}_{k}" for k in own} | {f"#/definitions/{k}": f"#/$defs/t{i}_{k}"
+                                                                      for k in own}
+        defs.update({f"t{i}_{k}": _rewrite_refs(v, rename) for k, v in own.items()})
+        calls.append({"type": "object", "properties": {"name": {"const": t.name},
+                                                       "arguments": _rewrite_refs(parameters, rename)},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+def _rewrite_refs(node: Any, rename: dict[str, str]) -> Any:
+    if isinstance(node, dict):
+        return {k: (rename.get(v, v) if k == "$ref" and isinstance(v, str) else _rewrite_refs(v, rename))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(v, rename) for v in node]
+    return node
 
 
 def parse_tools(tools: Any, tool_choice: Any) -> ToolChoice | None:
@@ -119,7 +140,8 @@ def parse_tools(tools: Any, tool_choice: Any) -> ToolChoice | None:
         raise BadRequest("tools have a repeated function name", "tools")
     choice = "auto" if tool_choice is None else tool_choice
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise BadRequest(f"tool_choice names a function that is not among the tools: {name!r}", "tool_choice")
         parsed, choice = tuple(t for t in parsed if t.name == name), "required"

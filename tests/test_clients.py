@@ -78,6 +78,8 @@ def test_openai_neutral_values_content_parts_and_tokenize(server, client):
     assert tokens["count"] == len(tokens["tokens"]) == 2 and tokens["max_model_len"] == 2048
     text = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": tokens["tokens"]}, headers=auth).json()
     assert text == {"prompt": "Hello world"}
+    many = httpx.post(f"{server}/detokenize", json={"model": "tiny", "tokens": [1] * 9000}, headers=auth)
+    assert many.status_code == 400 and many.json()["error"]["param"] == "tokens"
 
 
 def test_openai_structured_output_tool_calls_and_a_streamed_json_object(client):

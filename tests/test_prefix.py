@@ -79,9 +79,9 @@ def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used():
     cache.store(a, arrays(48))  # three blocks: full
     assert cache.bytes == 3 * block_bytes
     assert cache.lookup(a + [1])[0] == 3 * BLOCK
-    cache.store(b[:16], arrays(16))  # evicts a's first block, the least recently used
+    cache.store(b[:16], arrays(16))  # evicts a's last block: a chain is used leaf first, root last
     assert cache.bytes == 3 * block_bytes
-    assert cache.lookup(a + [1]) is None  # its chain starts with the evicted block
+    assert cache.lookup(a + [1])[0] == 2 * BLOCK  # its first two blocks still lead somewhere
     reused, kv = cache.lookup(b[:16] + [2])
     assert reused == BLOCK and kv[3].shape == (1, heads, BLOCK, dim) and (kv[3] == 3).all()
     assert parse_prefix_cache("auto") <= 1 << 30 and parse_prefix_cache("512MiB") == 512 << 20

@@ -125,6 +125,17 @@ def test_the_host_header_can_neither_spoof_the_key_check_nor_rebind(server, arti
     for r in asyncio.run(go()):
         assert _assert_openai_error(r, 401)["code"] == "invalid_api_key"
 
+    options = ServeOptions(artifact, "tiny", api_key="ключ-1")  # a non-ASCII key works as clients send it (UTF-8)
+    app = create_app(options, ServerState(options))
+
+    async def utf8():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return [await c.get("/v1/models", headers={"Authorization": value}) for value in
+                    ("Bearer ключ-1".encode(), "Bearer ключ-2".encode())]
+
+    right, wrong = asyncio.run(utf8())
+    assert right.status_code == 503 and wrong.status_code == 401  # past the key: the model is not loaded here
+
 
 def test_cross_site_posts_and_cors(server, artifact):
     _, url = server

@@ -188,3 +188,30 @@ def test_constrained_and_free_requests_in_one_batch_each_get_what_they_get_alone
     for prompt, params, got in zip(prompts, jobs, together):
         alone = model.generate(prompt, params)[0]
         assert got.output_ids == alone.output_ids and got.finish_reason == alone.finish_reason
+
+
+def test_tool_calls_are_read_only_where_the_grammar_constrained_them():
+    """auto: only an answer that begins with the marker is a call (a leading space makes the rest free text), and
+    only a call to an offered tool; pydantic's $defs in a tool's parameters compile; a malformed tool_choice is a
+    400 naming it."""
+    from neodeploy.serve.protocol import BadRequest
+    from neodeploy.serve.tools import parse_tools
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "required": ["a"], "properties": {"a": {"$ref": "#/$defs/A"}},
+        "$defs": {"A": {"type": "object", "properties": {"x": {"type": "integer"}}}}}}}
+    auto = parse_tools([tool], "auto")
+    call = '<tool_call>{"name":"f","arguments":{"a":{"x":1}}}</tool_call>'
+    assert auto.read(call)["function"] == {"name": "f", "arguments": '{"a": {"x": 1}}'}
+    assert auto.read(" " + call) is None and auto.read(call.replace('"f"', '"g"')) is None
+    assert auto.may_be_call("<tool") and not auto.may_be_call(" <tool_call>")
+    from neodeploy.runtime.grammar import Grammars
+    from neodeploy.runtime.tokenizer import Tokenizer
+
+    grammars = Grammars(Tokenizer.from_dir(tokenizer_dir("gpt-neox-20b")), 50304, 0)
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):
+        grammars.matcher(parse_tools([tool], choice).grammar)  # compiles: the $ref points at the hoisted $defs
+    for bad in ({"type": "function", "function": "f"}, {"type": "function", "function": ["f"]}, "sometimes"):
+        with pytest.raises(BadRequest) as refused:
+            parse_tools([tool], bad)
+        assert refused.value.param == "tool_choice"
