@@ -109,6 +109,37 @@ def run_check(model: Model) -> list[CheckResult]:
     return results
 
 
+def run_engine_check(model: Model, engine) -> list[str]:
+    """The golden prompts through the engine as configured — batched, and behind a prefix the prefix cache holds —
+    each output compared with plain decoding of the same prompt (Model.generate alone, which run_check held to the
+    reference). The serve gate: an engine optimisation that changes an output on this machine is refused like a
+    drifted artifact. Returns one line per failure."""
+    from neodeploy.runtime.prefix import BLOCK
+
+    golden = _load_golden(model.artifact / GOLDEN)
+    steps = int(golden[f"{golden['cases'].tolist()[0]}/tokens"].shape[1])
+    rows = [[int(t) for t, m in zip(ids, mask) if m]
+            for name in golden["cases"].tolist()
+            for ids, mask in zip(golden[f"{name}/input_ids"], golden[f"{name}/attention_mask"])]
+    room = engine.capacity - steps - max(len(r) for r in rows)
+    shared = [t for row in rows for t in row] * (2 * BLOCK)  # a prefix of two blocks, whatever the prompts' lengths
+    shared = shared[: max(0, min(2 * BLOCK, room))]
+    prompts = [[*shared, *row] for row in rows if len(shared) + len(row) + steps <= engine.capacity]
+    if not prompts:
+        return []
+    failures = []
+    results = [engine.submit(prompts[0], max_new_tokens=steps).result()]  # alone: it fills the prefix cache
+    wave = engine.max_running + engine.config.max_waiting  # together, as many as the engine takes at once
+    for start in range(0, len(prompts), wave):
+        handles = [engine.submit(p, max_new_tokens=steps) for p in prompts[start:start + wave]]
+        results += [h.result() for h in handles]
+    for i, (prompt, got) in enumerate(zip([prompts[0], *prompts], results)):
+        want = model.generate(prompt, max_new_tokens=steps)[0]
+        if got.output_ids != want.output_ids:
+            failures.append(f"engine request {i} ({len(prompt)} prompt tokens) differs from plain decoding")
+    return failures
+
+
 def table(results: list[CheckResult]) -> str:
     lines = [f"{'case':<10} {'batch':>5} {'max|Δlogit|':>12} {'scale':>8} {'bound':>10} {'greedy':>8}  result"]
     for r in results:

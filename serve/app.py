@@ -119,6 +119,8 @@ class ServerState:
             chat = ("from --chat-template" if options.chat_template else "from the artifact") if self.chat else \
                 "none: chat completions answer 400"
             self.engine = Engine(model, options.engine, self.metrics)
+            if not options.skip_check:
+                self._check_engine(model)
             self.metrics.watch(self.engine)
             self.model = model
             self.status = "ready"
@@ -131,6 +133,20 @@ class ServerState:
             self._fail(str(exc), self.exit_code or 2)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported in one line, never served
             self._fail(f"loading {options.artifact} failed: {exc}", 2)
+
+    def _check_engine(self, model) -> None:
+        """The golden prompts through the engine as configured (batching, the prefix cache warm): no optimisation
+        may change an output on this machine. Refused like a drifted artifact (exit 1)."""
+        from neodeploy.runtime.check import run_engine_check
+
+        start = time.perf_counter()
+        failures = run_engine_check(model, self.engine)
+        if failures:
+            self.engine.close()
+            self.exit_code = 1
+            raise NeodeployError(f"the engine check failed: {failures[0]}; refusing to serve (--no-prefix-cache, or "
+                                 "--skip-check to serve anyway)")
+        self.check["engine_seconds"] = round(time.perf_counter() - start, 3)
 
     def _fail(self, message: str, code: int) -> None:
         self.status, self.error, self.exit_code = "failed", message, code

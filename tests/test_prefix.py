@@ -127,3 +127,30 @@ def test_bench_serve_request_sets_are_the_same_for_every_system():
     assert ours == theirs and max(max(p) for p in ours) < 50000 and 0 not in {t for p in ours for t in p}
     shared = request_set("shared-prefix", 4, 16, 512, 50304, 0)
     assert all(len(p) == 528 and p[:512] == shared[0][:512] for p in shared) and len({tuple(p[512:]) for p in shared}) == 4
+
+
+
+def test_the_serve_gate_runs_the_golden_prompts_through_the_engine_and_refuses_a_drift(exported, monkeypatch):
+    from neodeploy.runtime import prefix
+    from neodeploy.runtime.check import run_engine_check
+
+    model = load(exported("prefix-gpt_neo", tiny_neo(), target="cpu")[1])
+    engine = Engine(model, EngineConfig(max_running=4))
+    try:
+        assert run_engine_check(model, engine) == []
+        assert engine.prefix.hit_tokens > 0  # the gate did go through the cache
+    finally:
+        engine.close()
+    lookup = prefix.PrefixCache.lookup
+
+    def drifted(self, prompt):  # a cache that hands back keys and values that are slightly off
+        hit = lookup(self, prompt)
+        return None if hit is None else (hit[0], [a * 1.5 for a in hit[1]])
+
+    monkeypatch.setattr(prefix.PrefixCache, "lookup", drifted)
+    engine = Engine(model, EngineConfig(max_running=4))
+    try:
+        failures = run_engine_check(model, engine)
+    finally:
+        engine.close()
+    assert failures and "differs from plain decoding" in failures[0]
