@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -202,6 +203,40 @@ def serve_artifact(tmp_path_factory):
     spec = tiny_neox(vocab_size=50304, max_positions=2048)
     ckpt = make_checkpoint(spec, root / "ckpt", seed=11, init_std=0.1, tokenizer_dir=tok)
     return export(ckpt, root / "art", target="cpu", echo=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def wide_artifact(tmp_path_factory):
+    """serve_artifact's GPT-NeoX at hidden 256, so a 2,000-token generation takes seconds (for the tests that must
+    act while one runs: abandoning, stopping, draining)."""
+    import json
+    import shutil
+
+    from neodeploy.export import export
+    from neodeploy.reference import make_checkpoint
+
+    root = tmp_path_factory.mktemp("wide")
+    tok = root / "tokenizer"
+    tok.mkdir()
+    shutil.copy(tokenizer_dir("gpt-neox-20b") / "tokenizer.json", tok / "tokenizer.json")
+    (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|endoftext|>"}))
+    spec = tiny_neox(vocab_size=50304, max_positions=2048, hidden_size=256, intermediate_size=512)
+    ckpt = make_checkpoint(spec, root / "ckpt", seed=3, init_std=0.1, tokenizer_dir=tok)
+    return export(ckpt, root / "art", target="cpu", echo=lambda s: None)
+
+
+@contextlib.contextmanager
+def serving(artifact, key, *flags):
+    """A ready `neodeploy serve ARTIFACT` subprocess: (proc, url); killed by its pid at the end."""
+    proc, url = start_server(artifact, key, *flags)
+    try:
+        _, code = wait_ready(proc, url)
+        assert code is None, proc.stderr.read()
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from conftest import start_server, wait_ready
+from conftest import serving
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -37,14 +37,8 @@ class Person(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(serve_artifact):
-    proc, url = start_server(serve_artifact, KEY, "--chat-template", "chatml", "--max-running", "8")
-    try:
-        _, code = wait_ready(proc, url)
-        assert code is None, proc.stderr.read()
+    with serving(serve_artifact, KEY, "--chat-template", "chatml", "--max-running", "8") as (_, url):
         yield url
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

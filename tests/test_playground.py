@@ -2,8 +2,8 @@
 install`: it downloads a browser). Skipped, with the reason, where /usr/bin/chromium or playwright is missing;
 .ci/run installs both.
 
-Two server processes: a GPT-NeoX wide enough (hidden 256) that a long answer takes seconds, with a chat template and
-an API key; and a copy of it without a template or key. One browser for the module.
+Two server processes: the wide GPT-NeoX (hidden 256: a long answer takes seconds) with a chat template and an API
+key, and a copy of it without a template or key. One browser for the module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TEMPLATE, start_server, tiny_neox, tokenizer_dir, wait_ready
+from conftest import serving
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -29,40 +29,23 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disa
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    from neodeploy.export import export
+def artifacts(wide_artifact, tmp_path_factory):
+    """The wide artifact (a chat template) and a copy of it without one."""
     from neodeploy.files import sha256
-    from neodeploy.reference import make_checkpoint
 
-    root = tmp_path_factory.mktemp("playground")
-    tok = root / "tokenizer"
-    tok.mkdir()
-    shutil.copy(tokenizer_dir("gpt-neox-20b") / "tokenizer.json", tok / "tokenizer.json")
-    (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|endoftext|>"}))
-    spec = tiny_neox(vocab_size=50304, max_positions=2048, hidden_size=256, intermediate_size=512)
-    ckpt = make_checkpoint(spec, root / "ckpt", seed=8, init_std=0.1, tokenizer_dir=tok)
-    art = export(ckpt, root / "art", target="cpu", echo=lambda s: None)
-    bare = root / "bare"
-    shutil.copytree(art, bare)
+    bare = tmp_path_factory.mktemp("playground") / "bare"
+    shutil.copytree(wide_artifact, bare)
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     manifest = json.loads((bare / "neodeploy.json").read_text())
     manifest["files"]["tokenizer_config.json"] = sha256(bare / "tokenizer_config.json")
     (bare / "neodeploy.json").write_text(json.dumps(manifest))
-    return art, bare
+    return wide_artifact, bare
 
 
 @pytest.fixture(scope="module")
 def servers(artifacts):
-    started = [start_server(artifacts[0], KEY, "--max-running", "2"), start_server(artifacts[1], "")]
-    try:
-        for proc, url in started:
-            _, code = wait_ready(proc, url)
-            assert code is None, proc.stderr.read()
-        yield [url for _, url in started]
-    finally:
-        for proc, _ in started:
-            proc.kill()
-            proc.wait(10)
+    with serving(artifacts[0], KEY, "--max-running", "2") as (_, keyed), serving(artifacts[1], "") as (_, bare):
+        yield [keyed, bare]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import drifted_copy, start_server, wait_ready
+from conftest import drifted_copy, serving, start_server, wait_ready
 from neodeploy.runtime import load
 
 openai = pytest.importorskip("openai")
@@ -43,15 +43,8 @@ def artifact(serve_artifact):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    proc, url = _start(artifact, "--max-running", "4", "--max-waiting", "4", "--grace-period", "20")
-    try:
-        seen, code = _wait_ready(proc, url)
-        assert code is None, proc.stderr.read()
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    with serving(artifact, KEY, "--max-running", "4", "--max-waiting", "4", "--grace-period", "20") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

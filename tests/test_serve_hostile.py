@@ -20,7 +20,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from conftest import TEMPLATE, start_server, tiny_neox, tokenizer_dir, wait_ready
+from conftest import serving
 
 pytestmark = pytest.mark.slow
 
@@ -30,34 +30,15 @@ LONG = 2040  # new tokens: prompt + LONG fills the 2048-token context
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    import shutil
-
-    from neodeploy.export import export
-    from neodeploy.reference import make_checkpoint
-
-    root = tmp_path_factory.mktemp("hostile")
-    tok = root / "tokenizer"
-    tok.mkdir()
-    shutil.copy(tokenizer_dir("gpt-neox-20b") / "tokenizer.json", tok / "tokenizer.json")
-    (tok / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "eos_token": "<|endoftext|>"}))
-    spec = tiny_neox(vocab_size=50304, max_positions=2048, hidden_size=256, intermediate_size=512)
-    ckpt = make_checkpoint(spec, root / "ckpt", seed=3, init_std=0.1, tokenizer_dir=tok)
-    return export(ckpt, root / "art", target="cpu", echo=lambda s: None)
+def artifact(wide_artifact):
+    return wide_artifact
 
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    proc, url = start_server(artifact, KEY, "--max-running", "2", "--max-waiting", "2", "--grace-period", "0",
-                             "--header-timeout", "1", "--body-timeout", "1", "--max-connections", "24")
-    try:
-        _, code = wait_ready(proc, url)
-        assert code is None, proc.stderr.read()
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    with serving(artifact, KEY, "--max-running", "2", "--max-waiting", "2", "--grace-period", "0", "--header-timeout",
+                 "1", "--body-timeout", "1", "--max-connections", "24") as started:
+        yield started
 
 
 def _metric(url: str, name: str) -> float:
