@@ -118,9 +118,10 @@ class ServerState:
                 self.chat = ChatTemplate(template, special(tokenizer.bos_token_id), special(tokenizer.eos_token_id))
             chat = ("from --chat-template" if options.chat_template else "from the artifact") if self.chat else \
                 "none: chat completions answer 400"
-            self.engine = Engine(model, options.engine, self.metrics)
+            self.engine = Engine(model, options.engine)
             if not options.skip_check:
                 self._check_engine(model)
+            self.engine.observer = self.metrics  # from here on: the gate's own requests are not the server's traffic
             self.metrics.watch(self.engine)
             self.model = model
             self.status = "ready"
