@@ -8,12 +8,14 @@ The handlers live in `serve/handlers.py`, the JSON shapes in `serve/protocol.py`
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from neodeploy import __version__
 from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.engine import EngineConfig
 from neodeploy.runtime.tokenizer import read_chat_template
@@ -222,7 +225,7 @@ def internal_error(state: ServerState, exc: BaseException) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- the gate
 
 class Guard:
-    """Pure ASGI middleware (Starlette's BaseHTTPMiddleware hides a client's disconnect from the handlers), reading
+    """Pure ASGI middleware (an @app.middleware("http") wrapper would hide a client's disconnect from the handlers), reading
     only the raw ASGI scope (`request.url` is rebuilt from the Host header on older Starlette: a `Host: x/y` once
     moved the path past the key check). In order: the Host name (DNS rebinding), the API key, readiness, the
     Content-Type of a POST (a cross-site "simple" text/plain POST needs no preflight). Tags every response with
@@ -290,9 +293,6 @@ def _key_matches(header: bytes, key: str) -> bool:
 
 def create_app(options: ServeOptions, state: ServerState | None = None) -> FastAPI:
     """One ASGI app for both deployments (uvicorn here, Ray Serve's proxy there)."""
-    import asyncio
-    import threading
-
     from neodeploy.serve import handlers, schema
 
     state = state or ServerState(options)
@@ -304,7 +304,7 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
         if state.engine is not None:
             await asyncio.to_thread(state.engine.close, options.grace_period)
 
-    app = FastAPI(title="neodeploy", version=_version(), lifespan=lifespan, docs_url="/docs", redoc_url=None,
+    app = FastAPI(title="neodeploy", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   openapi_url="/openapi.json",
                   description="OpenAI-compatible completions and chat completions over one exported model.")
     app.state.neodeploy = state
@@ -359,12 +359,3 @@ def _openapi(app: FastAPI) -> dict:
                 "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
         app.openapi_schema = doc
     return app.openapi_schema
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("neodeploy")
-    except PackageNotFoundError:
-        return "0"

@@ -68,11 +68,9 @@ async def metrics(state: ServerState, request: Request) -> Response:
 
 async def models(state: ServerState, request: Request) -> Response:
     """The one model this server serves, with its facts under `neodeploy` (what the playground shows)."""
-    from neodeploy.reference.spec import human_count
-
     model = state.model
     manifest = model.manifest
-    facts = {"family": manifest.spec.family, "parameters": human_count(manifest.spec.num_parameters()),
+    facts = {"family": manifest.spec.family, "parameters": manifest.spec.num_parameters(),
              "precision": manifest.precision, "target": manifest.onnx.target, "backend": model.backend.name,
              "chat_template": state.chat is not None, "check": state.check}
     return JSONResponse({"object": "list", "data": [{"id": state.options.name, "object": "model",
@@ -232,8 +230,9 @@ async def generate(state: ServerState, request: Request, req: GenerationRequest)
     served(state, req.model)
     engine = state.engine
     limit = engine.max_running + engine.config.max_waiting
-    if len(req.prompts or [None]) * req.n > limit:
-        raise BadRequest(f"n x prompts = {len(req.prompts or [None]) * req.n} generations can never be in flight at "
+    generations = len(req.prompts or [None]) * req.n  # chat: one rendered prompt
+    if generations > limit:
+        raise BadRequest(f"n x prompts = {generations} generations can never be in flight at "
                          f"once on this server (max_running + max_waiting = {limit}); lower n or send fewer prompts", "n")
     encoded = await asyncio.to_thread(prompt_ids, state, req)
     if req.kind == "chat" and not req.max_tokens_given:

@@ -75,6 +75,14 @@ class Page:
         self.page.wait_for_function("() => document.getElementById('send').disabled === false && "
                                     "document.getElementById('stat-finish').textContent.length > 1", timeout=timeout)
 
+    def ask(self, prompt, mode=None, **fields):
+        """Pick a mode, fill parameter fields (by element id), type the prompt; then Send is clicked by the caller."""
+        if mode:
+            self.page.get_by_role("button", name=mode).click()
+        for field, value in fields.items():
+            self.page.fill(f"#{field}", str(value))
+        self.page.get_by_label("Prompt").fill(prompt)
+
     def close(self):
         self.context.close()
 
@@ -100,8 +108,7 @@ def test_the_page_is_offline_asks_for_the_key_and_offers_chat(browser, servers):
         assert "gpt_neox" in facts and "passed" in facts and "2048 tokens" in facts
         assert tab.page.evaluate("sessionStorage.getItem('neodeploy-api-key')") == KEY
         assert tab.page.evaluate("localStorage.length") == 0
-        tab.page.get_by_label("Prompt").fill("Hello!")
-        tab.page.fill("#max_tokens", "5")
+        tab.ask("Hello!", max_tokens=5)
         tab.page.get_by_role("button", name="Send").click()
         tab.idle()
         assert tab.page.locator(".turn.user").count() == 1 and tab.page.locator(".turn.assistant").count() == 1
@@ -119,10 +126,7 @@ def test_a_completion_streams_and_ends_equal_to_the_api(browser, servers):
     tab = Page(browser, url)
     try:
         _use_key(tab)
-        tab.page.get_by_role("button", name="Completion").click()
-        for field, value in (("#temperature", "0"), ("#max_tokens", "1500"), ("#top_p", "1"), ("#top_k", "0")):
-            tab.page.fill(field, value)
-        tab.page.get_by_label("Prompt").fill("Once upon a time")
+        tab.ask("Once upon a time", "Completion", temperature=0, max_tokens=1500, top_p=1, top_k=0)
         tab.page.evaluate("""() => { window.lengths = []; const tick = () => {
             const o = document.querySelector('#log .turn:last-child .output');
             window.lengths.push(o ? o.textContent.length : 0);
@@ -147,9 +151,7 @@ def test_stop_cancels_on_the_server(browser, servers):
     tab = Page(browser, url)
     try:
         _use_key(tab)
-        tab.page.get_by_role("button", name="Completion").click()
-        tab.page.fill("#max_tokens", "2000")
-        tab.page.get_by_label("Prompt").fill("Tell a long story")
+        tab.ask("Tell a long story", "Completion", max_tokens=2000)
         tab.page.get_by_role("button", name="Send").click()
         tab.page.wait_for_function("() => (document.querySelector('#log .turn:last-child .output') || {}).textContent"
                                    "?.length > 20")
@@ -171,8 +173,7 @@ def test_a_bad_parameter_shows_the_servers_message(browser, servers):
     tab = Page(browser, servers[0])
     try:
         _use_key(tab)
-        tab.page.fill("#temperature", "5")
-        tab.page.get_by_label("Prompt").fill("Hi")
+        tab.ask("Hi", temperature=5)
         tab.page.get_by_role("button", name="Send").click()
         banner = tab.page.get_by_role("alert")
         banner.wait_for(state="visible")
@@ -196,8 +197,7 @@ def test_completion_only_without_a_template_and_no_key_asked(browser, servers):
         assert not tab.page.locator("#key-form").is_visible()
         assert not tab.page.get_by_role("button", name="Chat").is_visible()
         assert tab.page.locator("#mode-completion").get_attribute("aria-pressed") == "true"
-        tab.page.fill("#max_tokens", "4")
-        tab.page.get_by_label("Prompt").fill("Hello")
+        tab.ask("Hello", max_tokens=4)
         tab.page.get_by_role("button", name="Send").click()
         tab.idle()
         assert tab.page.locator("#stat-tokens").inner_text() == "4"

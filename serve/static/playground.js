@@ -90,7 +90,7 @@ function showFacts(card) {
   const check = info.check || {};
   const rows = [
     ["Family", info.family],
-    ["Parameters", info.parameters],
+    ["Parameters", info.parameters && count(info.parameters)],
     ["Precision", info.precision],
     ["Target", info.target],
     ["Context", card.max_model_len + " tokens"],
@@ -107,6 +107,13 @@ function showFacts(card) {
     dd.textContent = value === undefined || value === null ? "–" : String(value);
     facts.append(dt, dd);
   }
+}
+
+function count(n) {
+  // as `neodeploy inspect` writes a parameter count (reference/spec.py human_count): 14.1M, 1.41B
+  if (n >= 1e9) return (n / 1e9).toFixed(2) + "B";
+  if (n >= 1e6) return (n / 1e6).toFixed(1) + "M";
+  return n >= 1e3 ? (n / 1e3).toFixed(1) + "K" : String(n);
 }
 
 function setMode(mode) {
