@@ -74,7 +74,8 @@ def parse_prefix_cache(value: int | str | None) -> int:
     else:
         size = parse_size(value)
     if size is None or size < 0:
-        raise UsageError(f"prefix cache {value!r} is not a size (512MiB, 2GB, a byte count, 0 for off, or auto)")
+        raise UsageError(f"--prefix-cache (prefix_cache) {value!r} is not a size: give 512MiB, 2GB, a byte count, 0 (off) "
+                         "or auto")
     return size
 
 
