@@ -213,13 +213,18 @@ def error_response(state: ServerState, exc: BaseException) -> JSONResponse:
         if isinstance(exc, kind):
             state.metrics.rejected(error.outcome)
             return error.response(str(exc), getattr(exc, "param", None))
-    return internal_error(state, exc)
+    return internal_error(exc)
 
 
-def internal_error(state: ServerState, exc: BaseException) -> JSONResponse:
+def logged_bug(exc: BaseException) -> str:
+    """Log a bug's traceback once under a request id; the client's message quotes the id, not the internals."""
     request_id = uuid.uuid4().hex[:12]
     log.error("request %s failed", request_id, exc_info=exc)
-    return INTERNAL.response(f"internal error (request {request_id}); the server's log has the details")
+    return f"internal error (request {request_id}); the server's log has the details"
+
+
+def internal_error(exc: BaseException) -> JSONResponse:
+    return INTERNAL.response(logged_bug(exc))
 
 
 # ---------------------------------------------------------------------------------------------- the gate
@@ -331,7 +336,7 @@ def create_app(options: ServeOptions, state: ServerState | None = None) -> FastA
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception):  # only what escaped the handlers' own wrapper
-        return internal_error(state, exc)
+        return internal_error(exc)
 
     app.openapi = lambda: _openapi(app)
     app.add_middleware(Guard, state=state)

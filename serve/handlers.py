@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from neodeploy.errors import ClosedError, NeodeployError
 from neodeploy.serve import schema
 from neodeploy.serve.app import (STATIC, ModelNotFound, PayloadTooLarge, RequestTimeout, ServerState, error_response,
-                                  internal_error)
+                                  logged_bug)
 from neodeploy.serve.protocol import (DONE_EVENT, BadRequest, GenerationRequest, choice, chunk_event, error_event,
                                       finish_reason, parse_chat, parse_completion, parse_detokenize, parse_tokenize,
                                       response_body, role_chunk, usage)
@@ -186,8 +186,6 @@ def prompt_ids(state: ServerState, req: GenerationRequest) -> list[list[int]]:
     cannot fit; the whole request is held to the same bound (six 2 M-character prompts once took 22 s)."""
     model, engine = state.model, state.engine
     prompts = req.prompts if req.kind == "completion" else [render_chat(state, req)]
-    if req.params.response_format is not None:
-        model.grammars.matcher(req.params.response_format)  # compiled here, off the loop, and cached for submit
     if model.tokenizer is not None:
         bound = 2 * engine.capacity * model.tokenizer.longest_token
         text = [p for p in prompts if isinstance(p, str)]
@@ -246,14 +244,8 @@ async def generate(state: ServerState, request: Request, req: GenerationRequest)
     handles = await asyncio.to_thread(submit_all, state, req, encoded)
     connection = Connection(request.receive)
     rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    try:
-        if not req.stream:
-            return await complete(state, req, rid, encoded, handles, connection)
-    except BaseException:
-        connection.close()
-        for h in handles:
-            h.cancel()
-        raise
+    if not req.stream:
+        return await complete(state, req, rid, encoded, handles, connection)  # it releases the handles itself
     # The status line goes out now, not with the first token: a queued stream's client sees the request taken.
     def release() -> None:  # also when the stream never starts (its generator's finally would not run)
         connection.close()
@@ -336,11 +328,8 @@ async def events(state, req, rid, encoded, handles, connection) -> AsyncIterator
     except NeodeployError as exc:  # a request that failed mid-stream: say so in the stream, then end it
         yield error_event(str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug: logged with an id, the stream still ends in JSON
-        yield error_event(json.loads(internal_error(state, exc).body)["error"]["message"])
-    finally:
-        connection.close()
-        for h in handles:
-            h.cancel()  # the client went away (or we are done): free the slots
+        yield error_event(logged_bug(exc))
+    # EventStream's release frees the slots, however the stream ends
 
 
 def cached(handles: list, n: int) -> int:
