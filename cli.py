@@ -116,7 +116,7 @@ def _artifact_rows(manifest) -> list[tuple[str, str]]:
             ("quantisation", f"{quant['method']} ({quant.get('ops', '')})" if quant else "none"),
             ("target", onnx.target),
             ("KV cache", onnx.kv_cache + (f", rotary in the {onnx.rotary}" if onnx.kv_cache == "in-place" else "")),
-            ("logits", "last position" if onnx.logits == "last" else "all positions"),
+            ("logits", {"last": "last position", "tail": "last position (last n on request)"}.get(onnx.logits, "all positions")),
             ("max context", str(manifest.max_context)),
             ("KV cache / token", human_bytes(manifest.kv_bytes_per_token)),
             ("opset", str(onnx.opset)),
@@ -293,7 +293,7 @@ def _read_prompts(items: list[str]) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from neodeploy.runtime import load
 
-    model = load(args.artifact, backend=args.backend)
+    model = load(args.artifact, backend=args.backend, speculate=args.speculate, speculate_tokens=args.speculate_tokens)
     prompts = _read_prompts(args.prompt)
     ids_mode = args.ids
     inputs = [_parse_ids(p) for p in prompts] if ids_mode else prompts
@@ -321,6 +321,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- [{row}/{len(prompts)}] {prompt!r} ({result.finish_reason})")
             print(body)
     return 0
+
+
+def _draft_option(value: str | None, absolute: bool) -> str | None:
+    """--speculate's draft artifact as an absolute path where another process (a Ray replica) loads it."""
+    return str(Path(value).resolve()) if value and value != "ngram" and absolute else value
+
+
+def _speculate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", metavar="ngram|DRAFT", help="speculative decoding while a request decodes alone: "
+                   "ngram (prompt lookup) or a draft artifact sharing the tokenizer (exact: the same output as without)")
+    p.add_argument("--speculate-tokens", type=int, default=4, metavar="K", help="tokens drafted per step (default 4)")
 
 
 def _logit_bias(pairs: list[str]) -> dict[int, float]:
@@ -375,7 +386,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
-                          prefix_cache=0 if args.no_prefix_cache else args.prefix_cache)
+                          prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
+                          speculate=_draft_option(args.speculate, args.ray), speculate_tokens=args.speculate_tokens)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
     options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
                            config, args.skip_check, args.backend, args.grace_period,
@@ -714,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--backend", default=None, help="onnxruntime (default)")
+    _speculate_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
@@ -731,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache", default="auto", metavar="SIZE", help="memory for reusing the KV of shared prompt "
                    "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
+    _speculate_arguments(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set NEODEPLOY_API_KEY)")
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")

@@ -346,3 +346,36 @@ def _check_portable(model: onnx.ModelProto) -> None:
     bad = {"If", "Loop", "Scan"} & set(op_counts(model))
     if bad:
         raise RuntimeError(f"exported graph contains {sorted(bad)} nodes, which TensorRT cannot build")
+
+
+NUM_LOGITS = "num_logits"
+
+
+def tail_logits(path: Path) -> None:
+    """Let a last-position graph return the last `num_logits` positions on request (speculative decoding verifies
+    several drafted tokens in one call). The lm_head input's Slice [-1:] becomes [-num_logits:]; num_logits [1] is
+    a required input (onnxruntime's IO binding cannot bind an input that has a default initializer): callers feed
+    1 for the last position."""
+    model = onnx.load(str(path), load_external_data=False)
+    cut = _nearest_slice(model, "logits")
+    negated = f"{NUM_LOGITS}_negated"
+    model.graph.node.insert(list(model.graph.node).index(cut), onnx.helper.make_node("Neg", [NUM_LOGITS], [negated]))
+    cut.input[1] = negated
+    model.graph.input.append(onnx.helper.make_tensor_value_info(NUM_LOGITS, onnx.TensorProto.INT64, [1]))
+    logits = model.graph.output[0].type.tensor_type.shape.dim[1]
+    logits.Clear()
+    logits.dim_param = "num_logits"
+    onnx.save_model(model, str(path))
+
+
+def _nearest_slice(model: onnx.ModelProto, output: str, depth: int = 6) -> onnx.NodeProto:
+    """The Slice closest upstream of `output`: the last-position cut before the final LayerNorm, whatever sits
+    between (fp16's Casts, int8's DynamicQuantizeLinear and scales, the lm_head's MatMul or MatMulNBits)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    frontier = [producers[output]]
+    for _ in range(depth):
+        cut = next((node for node in frontier if node.op_type == "Slice"), None)
+        if cut is not None:
+            return cut
+        frontier = [producers[name] for node in frontier for name in node.input if name in producers]
+    raise RuntimeError("the last-position graph has no Slice before its lm_head; cannot add num_logits")

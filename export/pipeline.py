@@ -125,7 +125,8 @@ def export(
     """Export CHECKPOINT to a verified artifact folder OUT_DIR; raises VerificationError (nothing published) on drift.
 
     logits: "all" positions (portable default: score / perplexity in one run) or the "last" only (what generation
-    reads; a TensorRT prefill then does not compute [batch, prompt, vocab] fp32 logits). The cpu target is last only.
+    reads; a TensorRT prefill then does not compute [batch, prompt, vocab] fp32 logits). The cpu target is last only,
+    recorded as "tail": its graph returns the last `num_logits` positions when that input is bound (speculation).
     chat_template: Jinja text written as chat_template.jinja (listed with its sha256; the server prefers it to the
     checkpoint's tokenizer_config.json template)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -181,6 +182,9 @@ def export(
                 quant_entry = graph.in_subprocess(quantization.quantize, onnx_path, quantize, block_size,
                                                   head_bits, cpu or quantize == "int4")
                 echo(f"      {quant_entry['quantized_matmuls']} MatMuls quantised ({quant_entry['ops']})")
+        if cpu:  # last position by default, the last num_logits on request (speculative decoding's verification)
+            graph.tail_logits(onnx_path)
+            logits = "tail"
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)
             with live("verify", total=len(cases), unit="case") as bar:

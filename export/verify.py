@@ -138,6 +138,7 @@ class OnnxDecoder:
         self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         self.spec = spec
         kv_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key_values."))
+        self.tail = any(i.name == "num_logits" for i in self.session.get_inputs())  # CPU target: feed 1 (the last)
         self.kv_dtype = np.float16 if kv_input.type == "tensor(float16)" else np.float32
 
     def empty_cache(self, batch: int) -> list[np.ndarray]:
@@ -149,6 +150,8 @@ class OnnxDecoder:
         for i in range(self.spec.num_layers):
             feed[f"past_key_values.{i}.key"] = cache[2 * i]
             feed[f"past_key_values.{i}.value"] = cache[2 * i + 1]
+        if self.tail:
+            feed["num_logits"] = np.array([1], np.int64)
         out = self.session.run(None, feed)
         return out[0], out[1:]
 

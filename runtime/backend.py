@@ -35,6 +35,7 @@ class Backend(Protocol):
     joinable: bool
     in_place: bool
     kernel_rotary: Any  # batch.RotaryTable when keys are rotated at their cache index (CPU target), else None
+    verifies: bool  # `verify` returns logits at several positions in one call (speculative decoding)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, Any]:
@@ -43,6 +44,10 @@ class Backend(Protocol):
 
     def decode(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         """One step (seq 1, or a prefill chunk at batch 1) on top of `state`; returns (logits [batch, vocab], new state)."""
+
+    def verify(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        """decode() with logits at every one of the input's positions [batch, seq, vocab] (drafted tokens checked at
+        once). Only called where `verifies`."""
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits at every position [batch, seq, vocab] (perplexity, validation)."""
@@ -113,7 +118,7 @@ class OrtBackend:
 
     def __init__(self, model_path: Path, num_layers: int, num_heads: int, head_dim: int, kv_dtype: np.dtype,
                  providers: list[str] | None = None, threads: int | None = None, in_place: bool = False,
-                 kernel_rotary: Any = None):
+                 kernel_rotary: Any = None, logits: str = "all"):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -146,6 +151,9 @@ class OrtBackend:
         self.present_names = [f"present.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
         self.in_place = in_place and self.device == "cpu"
         self.kernel_rotary = kernel_rotary
+        # all: every position; tail: the last, or the last num_logits when that input is bound; last: the last only
+        self.logits = logits
+        self.verifies = logits in ("all", "tail")
         self._ort = ort
 
     def _empty_cache(self, batch: int) -> list[Any]:
@@ -156,6 +164,8 @@ class OrtBackend:
     def _run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list[Any] | InPlaceCache,
              all_positions: bool = False) -> tuple[np.ndarray, list[Any] | InPlaceCache]:
         binding = self.session.io_binding()
+        if self.logits == "tail":  # the last position, or every fed one (a verification)
+            binding.bind_cpu_input("num_logits", np.array([ids.shape[1] if all_positions else 1], dtype=np.int64))
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
@@ -186,6 +196,11 @@ class OrtBackend:
 
     def decode(self, input_ids, attention_mask, position_ids, state):
         return self._run(input_ids, attention_mask, position_ids, state)
+
+    def verify(self, input_ids, attention_mask, position_ids, state):
+        if not self.verifies:
+            raise UsageError("this graph returns last-position logits only; speculation needs --target cpu or --logits all")
+        return self._run(input_ids, attention_mask, position_ids, state, all_positions=True)
 
     def cache_arrays(self, state, rows, width):
         if isinstance(state, InPlaceCache):
@@ -228,7 +243,7 @@ def create_backend(name: str | None, artifact: Path, manifest: Manifest, provide
             rotary = RotaryTable(spec.rotary_dims, spec.rotary_base, spec.rope_scaling_factor)
         return OrtBackend(artifact / manifest.onnx.file, spec.num_layers, spec.num_heads, spec.head_dim,
                           manifest.kv_dtype, providers, threads, in_place=manifest.onnx.kv_cache == "in-place",
-                          kernel_rotary=rotary)
+                          kernel_rotary=rotary, logits=manifest.onnx.logits)
     if name in ("tensorrt", "trt"):
         from neodeploy.runtime.trt_backend import TensorRTBackend
 

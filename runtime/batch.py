@@ -123,10 +123,38 @@ class DecodeBatch:
     def advance(self, chunk: int) -> np.ndarray | None:
         """Run the next chunk of a chunked prefill (batch 1); returns the logits after the last one."""
         ids, self.pending = self.pending[:, :chunk], (self.pending[:, chunk:] if self.pending.shape[1] > chunk else None)
-        mask = np.concatenate([self.mask, np.ones_like(ids)], axis=1)
-        logits, self.state = self.backend.decode(ids, mask, position_ids(mask)[:, -ids.shape[1] :], self.state)
-        self.mask, self.lengths = mask, self.lengths + ids.shape[1]
+        logits = self._feed(ids, self.backend.decode)
         return None if self.pending is not None else logits
+
+    def extend(self, tokens: Sequence[int]) -> np.ndarray:
+        """Batch 1: feed several tokens after the cache in one call; logits after the last [1, vocab]."""
+        return self._feed(np.asarray([list(tokens)], dtype=np.int64), self.backend.decode)
+
+    # ------------------------------------------------------------------------------------- speculation
+
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        """Batch 1: feed the last sampled token and the drafted ones after it in one call; logits at every one of
+        those positions [len(tokens), vocab] (a graph with several logits positions: backend.verifies)."""
+        if self.rows != 1:
+            raise UsageError("speculative verification runs at batch 1")
+        return self._feed(np.asarray([list(tokens)], dtype=np.int64), self.backend.verify)[0]
+
+    def rollback(self, count: int) -> None:
+        """Batch 1: forget the last `count` cached tokens (drafts the sampler did not take). An in-place cache stops
+        reading them (the next call overwrites them); a concatenated one is cut to the kept length."""
+        if count <= 0:
+            return
+        width = self.width - count
+        self.mask, self.lengths = self.mask[:, :width], self.lengths - count
+        if not self.backend.in_place:
+            kept = [a[:, :, :width] for a in self.backend.cache_arrays(self.state, 1, width + count)]
+            self.state = self.backend.wrap_cache(kept)
+
+    def _feed(self, ids: np.ndarray, run) -> np.ndarray:
+        mask = np.concatenate([self.mask, np.ones_like(ids)], axis=1)
+        logits, self.state = run(ids, mask, position_ids(mask)[:, -ids.shape[1] :], self.state)
+        self.mask, self.lengths = mask, self.lengths + ids.shape[1]
+        return logits
 
     # ------------------------------------------------------------------------------------- decode
 

@@ -110,10 +110,10 @@ def run_check(model: Model) -> list[CheckResult]:
 
 
 def run_engine_check(model: Model, engine) -> list[str]:
-    """The golden prompts through the engine as configured — batched, and behind a prefix the prefix cache holds —
-    each output compared with plain decoding of the same prompt (Model.generate alone, which run_check held to the
-    reference). The serve gate: an engine optimisation that changes an output on this machine is refused like a
-    drifted artifact. Returns one line per failure."""
+    """The golden prompts through the engine as configured — batched, behind a prefix the prefix cache holds, and
+    alone where the engine speculates — each output compared with plain decoding of the same prompt (Model.generate
+    alone, which run_check held to the reference). The serve gate: an engine optimisation that changes an output on
+    this machine is refused like a drifted artifact. Returns one line per failure."""
     from neodeploy.runtime.prefix import BLOCK
 
     golden = _load_golden(model.artifact / GOLDEN)
@@ -128,12 +128,14 @@ def run_engine_check(model: Model, engine) -> list[str]:
     if not prompts:
         return []
     failures = []
-    results = [engine.submit(prompts[0], max_new_tokens=steps).result()]  # alone: it fills the prefix cache
+    # Alone: the first fills the prefix cache; speculation runs while a request decodes alone, so then every one.
+    alone = prompts if engine.speculator is not None else prompts[:1]
+    results = [engine.submit(p, max_new_tokens=steps).result() for p in alone]
     wave = engine.max_running + engine.config.max_waiting  # together, as many as the engine takes at once
     for start in range(0, len(prompts), wave):
         handles = [engine.submit(p, max_new_tokens=steps) for p in prompts[start:start + wave]]
         results += [h.result() for h in handles]
-    for i, (prompt, got) in enumerate(zip([prompts[0], *prompts], results)):
+    for i, (prompt, got) in enumerate(zip([*alone, *prompts], results)):
         want = model.generate(prompt, max_new_tokens=steps)[0]
         if got.output_ids != want.output_ids:
             failures.append(f"engine request {i} ({len(prompt)} prompt tokens) differs from plain decoding")

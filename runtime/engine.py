@@ -37,6 +37,7 @@ from neodeploy.runtime.manifest import Manifest
 from neodeploy.runtime.prefix import PrefixCache
 from neodeploy.runtime.sampling import SamplingParams
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
+from neodeploy.runtime.speculate import check_tokens
 
 def parse_kv_budget(budget: int | str | None, manifest: Manifest) -> int | None:
     """Tokens from `4096` / `"4096"` (tokens) or `"512MiB"` / `"2GB"` (bytes, divided by the per-token size)."""
@@ -89,6 +90,10 @@ class EngineConfig:
     # halved the p99 gap between tokens, 200 -> 90 ms, for 8 % less throughput than 256; see the README)
     busy_prefill_chunk: int = 64
     prefix_cache: int | str | None = "auto"  # bytes of reusable prompt KV (runtime/prefix.py); 0 or None: off
+    # "ngram" (prompt lookup) or a draft artifact's folder: a request decoding alone drafts this many tokens a step
+    # and the model checks them in one call (runtime/speculate.py; exact). None: off
+    speculate: str | None = None
+    speculate_tokens: int = 4
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_waiting", "prefill_chunk", "busy_prefill_chunk"):
@@ -96,6 +101,7 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_waiting" else 1):
                 raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
         parse_prefix_cache(self.prefix_cache)
+        check_tokens(self.speculate_tokens)
 
 
 class EngineObserver:
@@ -108,6 +114,8 @@ class EngineObserver:
     def finished(self, handle: Handle, reason: str) -> None: ...
 
     def prefix(self, query_tokens: int, hit_tokens: int) -> None: ...
+
+    def speculated(self, drafted: int, accepted: int) -> None: ...
 
 
 _END = object()
@@ -236,6 +244,8 @@ class Engine:
             # the chunk that computed them: reuse would not be exact. An explicit size turns it on anyway.
             budget = 0
         self.prefix = PrefixCache(budget) if budget else None  # moves KV in and out of batches: joinable only
+        speculate = self.config.speculate
+        self.speculator = model.speculation(speculate, self.config.speculate_tokens)() if speculate else None
         self._running: list[_Entry] = []
         self._prefilling: list[_Entry] = []
         self._waiting: collections.deque[_Entry] = collections.deque()
@@ -405,7 +415,7 @@ class Engine:
         return logits, int(entry.batch.lengths[0]) - reused
 
     def _decode(self) -> None:
-        if not self._running:
+        if not self._running or self._speculate():
             return
         start = time.perf_counter()
         tokens = np.array([e.handle.sequence.last_token for e in self._running], dtype=np.int64)
@@ -423,6 +433,23 @@ class Engine:
             if delta.finish_reason is not None:
                 finished.append(row)
         self._retire(finished)
+
+    def _speculate(self) -> bool:
+        """A speculative step for a request decoding alone (nobody waits to join it); False where none was taken."""
+        if self.speculator is None or len(self._running) != 1 or self._prefilling or self._waiting:
+            return False
+        entry, start = self._running[0], time.perf_counter()
+        step = self.speculator.step(self._batch, entry.handle.sequence)
+        if step is None:
+            return False
+        deltas, drafted, accepted = step
+        self.observer.step(1, time.perf_counter() - start)
+        self.observer.speculated(drafted, accepted)
+        for delta in deltas:
+            self._emit(entry, delta)
+        if deltas[-1].finish_reason is not None:
+            self._retire([0])
+        return True
 
     def _retire(self, rows: list[int], cancel: bool = False) -> None:
         if not rows:

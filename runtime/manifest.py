@@ -35,7 +35,7 @@ class OnnxGraph:
     external_data: str
     opset: int | None
     target: str  # portable | cpu
-    logits: str  # all | last (positions the graph returns logits for)
+    logits: str  # all | last | tail (positions the graph returns logits for; tail: the last, or the last num_logits)
     kv_cache: str  # concatenated | in-place
     rotary: str  # graph | kernel (GroupQueryAttention rotates keys at their cache index)
     fused: dict[str, int]
@@ -156,7 +156,7 @@ class Manifest:
         names = {key: want(onnx, key, str, "a file name", "onnx.") for key in ("file", "external_data")}
         opset = want(onnx, "opset", int, "an integer", "onnx.", default=None)
         target = one_of(onnx, "target", ("portable", "cpu"), "onnx.", default="portable")
-        logits = one_of(onnx, "logits", ("all", "last"), "onnx.", default="all")
+        logits = one_of(onnx, "logits", ("all", "last", "tail"), "onnx.", default="all")
         kv_cache = one_of(onnx, "kv_cache", ("concatenated", "in-place"), "onnx.", default="concatenated")
         default_rotary = "kernel" if kv_cache == "in-place" and spec.rotary_in_kernel else "graph"
         rotary = one_of(onnx, "rotary", ("graph", "kernel"), "onnx.", default=default_rotary)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator, Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from neodeploy.runtime.batch import DecodeBatch, left_pad, position_ids  # noqa:
 from neodeploy.runtime.manifest import Manifest, artifact_path, read_manifest, verify_files
 from neodeploy.runtime.sampling import SamplingParams, penalised, sampling_distribution  # noqa: F401 - re-exported
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
+from neodeploy.runtime.speculate import (NGRAM, ModelDrafter, NgramDrafter, Speculator, check_tokens, check_verifies,
+                                         shared_vocabulary)
 from neodeploy.runtime.text import stop_sets
 from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
@@ -64,6 +66,18 @@ class Model:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer else manifest.tokenizer.get("pad_token_id")
         if self.pad_token_id is None:
             self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
+        self.speculate: Callable[[], Speculator] | None = None  # set by load(speculate=...): batch-1 generations use it
+
+    def speculation(self, draft: str, tokens: int = 4) -> Callable[[], Speculator]:
+        """A maker of speculators for this model (runtime/speculate.py): draft "ngram" (prompt lookup) or the folder
+        of a draft artifact sharing this model's tokenizer (loaded once, here). Each decoding loop makes its own."""
+        check_tokens(tokens)
+        check_verifies(self)
+        if draft == NGRAM:
+            return lambda: Speculator(NgramDrafter(), tokens)
+        drafter = load(draft, threads=None)
+        vocab = shared_vocabulary(self, drafter)
+        return lambda: Speculator(ModelDrafter(drafter, vocab), tokens)
 
     # ------------------------------------------------------------------------------------------- inputs
 
@@ -154,12 +168,15 @@ class Model:
         width = max(len(p) for p in prompts)
         # A backend with one set of device buffers (TensorRT) serves one generation at a time; callers close
         # this generator when they stop early, which releases the lock.
+        speculator = self.speculate() if self.speculate is not None and len(sequences) == 1 else None
         with self.backend.lock if self.backend.exclusive else contextlib.nullcontext():
             batch = DecodeBatch(self.backend)
             logits = batch.prefill(prompts, self.pad_token_id, capacity=width + params.max_new_tokens)
             while True:
                 deltas = [None if s.done else s.feed(logits[row]) for row, s in enumerate(sequences)]
                 yield deltas
+                while speculator is not None and not sequences[0].done and (step := speculator.step(batch, sequences[0])):
+                    yield from ([delta] for delta in step[0])
                 if all(s.done for s in sequences):
                     return
                 logits = batch.step(np.array([s.last_token for s in sequences], dtype=np.int64))
@@ -189,8 +206,11 @@ class Model:
 
 
 def load(artifact_dir: str | Path, backend: str | None = None, providers: list[str] | None = None,
-         verify: bool = True, threads: int | None = None) -> Model:
-    """Load an artifact folder. Checks the manifest's format version and the sha256 of each file it reads."""
+         verify: bool = True, threads: int | None = None, speculate: str | None = None,
+         speculate_tokens: int = 4) -> Model:
+    """Load an artifact folder. Checks the manifest's format version and the sha256 of each file it reads.
+    speculate: "ngram" or a draft artifact's folder: single-prompt generations decode speculatively (exact: the same
+    tokens as without), drafting `speculate_tokens` at a time."""
     artifact = Path(artifact_dir)
     manifest = read_manifest(artifact)
     tokenizer_files = [n for n in TOKENIZER_FILES if n in manifest.files and n != CHAT_TEMPLATE_FILE]
@@ -201,5 +221,8 @@ def load(artifact_dir: str | Path, backend: str | None = None, providers: list[s
         engine = (manifest.engine or {}).get("file") if backend in ("tensorrt", "trt") else None
         verify_files(manifest, [n for n in manifest.files if n != engine])
     tokenizer = Tokenizer.from_dir(artifact) if tokenizer_files else None
-    return Model(artifact, manifest, create_backend(backend, artifact, manifest, providers, threads), tokenizer)
+    model = Model(artifact, manifest, create_backend(backend, artifact, manifest, providers, threads), tokenizer)
+    if speculate is not None:
+        model.speculate = model.speculation(speculate, speculate_tokens)
+    return model
 

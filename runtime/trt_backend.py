@@ -89,6 +89,7 @@ class TensorRTBackend:
     joinable = False  # its cache cannot be re-arranged by rows yet: the engine serves one request at a time
     in_place = False
     kernel_rotary = None
+    verifies = False  # speculation (several logits positions per decode call) is not wired to its profiles
 
     def __init__(self, artifact: Path, manifest: Manifest):
         from neodeploy.runtime.gpu import gpu_info, import_tensorrt
@@ -220,6 +221,9 @@ class TensorRTBackend:
         parity, length = state
         logits = self._run(1, input_ids, attention_mask, position_ids, length, parity, False)
         return logits, (1 - parity, length + 1)
+
+    def verify(self, input_ids, attention_mask, position_ids, state):
+        raise UsageError("the TensorRT backend does not verify drafted tokens; speculate with the onnxruntime backend")
 
     def score(self, input_ids, attention_mask, position_ids):
         if self.last_only:

@@ -37,6 +37,10 @@ class Metrics(EngineObserver):
         self.prefix_hits = Counter("neodeploy_prefix_cache_hit_tokens", "Prompt tokens whose KV the prefix cache "
                                    "had", registry=r)
         self.prefix_bytes = Gauge("neodeploy_prefix_cache_bytes", "Bytes the prefix cache holds", registry=r)
+        self.drafted = Counter("neodeploy_speculative_draft_tokens", "Tokens drafted by speculative decoding",
+                               registry=r)
+        self.accepted = Counter("neodeploy_speculative_accepted_tokens", "Drafted tokens the model accepted (the "
+                                "acceptance rate is accepted / draft)", registry=r)
 
     def watch(self, engine) -> None:
         self.running.set_function(lambda: engine.running)
@@ -46,6 +50,10 @@ class Metrics(EngineObserver):
     def prefix(self, query_tokens: int, hit_tokens: int) -> None:
         self.prefix_queries.inc(query_tokens)
         self.prefix_hits.inc(hit_tokens)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
 
     # EngineObserver, called from the engine thread
     def step(self, batch_size: int, seconds: float) -> None:

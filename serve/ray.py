@@ -137,6 +137,10 @@ def deployment(options: ServeOptions, scaling: Scaling = Scaling()):
     return wrapped.bind()
 
 
+def _draft(value: str | None) -> str | None:
+    return str(Path(value).resolve()) if value and value != "ngram" else value  # replicas load it from elsewhere
+
+
 def app(args: dict[str, str]):
     """Application builder for `serve run neodeploy.serve.ray:app artifact=PATH [replicas=N] [autoscale=MIN:MAX]
     [cpus=C] [max_running=N] [max_waiting=N] [kv_budget=…] [model_name=…] [skip_check=true]` and Serve config files."""
@@ -144,14 +148,16 @@ def app(args: dict[str, str]):
     if "artifact" not in args:
         raise UsageError("give artifact=PATH (a folder every node can read)")
     known = {"artifact", "replicas", "autoscale", "cpus", "max_running", "max_waiting", "kv_budget", "model_name",
-             "skip_check", "api_key", "prefill_chunk", "prefix_cache", "busy_prefill_chunk"}
+             "skip_check", "api_key", "prefill_chunk", "prefix_cache", "busy_prefill_chunk", "speculate",
+             "speculate_tokens"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise UsageError(f"unknown argument {unknown[0]}; known: {', '.join(sorted(known))}")
     engine = EngineConfig(max_running=int(args.get("max_running", 8)), max_waiting=int(args.get("max_waiting", 64)),
                           kv_budget=args.get("kv_budget"), prefill_chunk=int(args.get("prefill_chunk", 256)),
                           prefix_cache=args.get("prefix_cache", "auto"),
-                          busy_prefill_chunk=int(args.get("busy_prefill_chunk", 64)))
+                          busy_prefill_chunk=int(args.get("busy_prefill_chunk", 64)),
+                          speculate=_draft(args.get("speculate")), speculate_tokens=int(args.get("speculate_tokens", 4)))
     options = ServeOptions(Path(args["artifact"]).resolve(), args.get("model_name"),
                            args.get("api_key") or os.environ.get("NEODEPLOY_API_KEY"), engine,
                            str(args.get("skip_check", "false")).lower() in ("1", "true", "yes"))

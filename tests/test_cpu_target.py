@@ -80,7 +80,8 @@ def test_cpu_export_runs_group_query_attention_and_generates_like_the_reference(
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     ops = Counter(n.op_type for n in graph.node)
     assert ops["GroupQueryAttention"] == spec.num_layers and ops["Softmax"] == 0
-    assert [i.name for i in graph.input] == input_names(spec)  # position_ids stays even where nothing reads it
+    # position_ids stays even where nothing reads it; num_logits: the last position, or the last n (speculation)
+    assert [i.name for i in graph.input] == [*input_names(spec), "num_logits"] and manifest["onnx"]["logits"] == "tail"
     rotary_in_kernel = [a.i for n in graph.node if n.op_type == "GroupQueryAttention"
                         for a in n.attribute if a.name == "do_rotary"]
     assert rotary_in_kernel == [int(name == "neox-rotary-in-kernel")] * spec.num_layers
