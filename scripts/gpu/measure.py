@@ -258,7 +258,8 @@ def main() -> int:
     p.add_argument("--work", default=os.environ.get("NEODEPLOY_GPU_WORK", "/tmp/neodeploy-gpu-work"))
     p.add_argument("--quick", action="store_true", help="tiny presets and short runs: the dry run of every code path")
     p.add_argument("--only", default="check,validate,speed,serve", help="sections to run, comma-separated")
-    p.add_argument("--target", default="cuda", help="the export target timed and served (cuda, or portable)")
+    p.add_argument("--target", default="portable", help="the export target timed and served: portable (default) or cuda "
+                   "(once --target cuda exists, docs/gpu.md)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
