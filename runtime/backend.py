@@ -106,6 +106,19 @@ class InPlaceCache:
         self._values = None
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def load_cuda_libraries(ort, providers: list[str]) -> None:
+    """Before a GPU session: onnxruntime-gpu's preload_dlls loads CUDA and cuDNN from the nvidia-* wheels where
+    they are installed that way (as PyTorch's wheels install them) rather than on the library path. A process that
+    imported torch first has them already; this runtime never imports torch, so without it the CUDA provider fails
+    to initialise (onnxruntime's CUDA EP documentation, "Preload DLLs"). onnxruntime < 1.21 has no preload_dlls."""
+    preload = getattr(ort, "preload_dlls", None)  # a version difference of onnxruntime's, not an optional seam of ours
+    if preload is not None and any(p in GPU_PROVIDERS for p in providers):
+        preload()
+
+
 class OrtBackend:
     """ONNX Runtime with IO binding: each step's present OrtValues are bound as the next step's past; with an
     in-place artifact (CPU target) on CPU, past and present are the same preallocated buffers (InPlaceCache)."""
@@ -128,8 +141,9 @@ class OrtBackend:
         if missing:
             raise UsageError(
                 f"onnxruntime provider {missing[0]} is not available here (available: {', '.join(available)}); "
-                "install onnxruntime-gpu for CUDA / TensorRT"
+                "for CUDA / TensorRT run pip uninstall onnxruntime, then pip install onnxruntime-gpu"
             )
+        load_cuda_libraries(ort, providers)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -145,7 +159,7 @@ class OrtBackend:
         if dropped:  # onnxruntime falls back to CPU silently when a GPU provider fails to initialise
             raise UsageError(f"onnxruntime could not initialise {dropped[0]} (check the CUDA / cuDNN libraries), "
                              "or pass providers=['CPUExecutionProvider']")
-        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         self.num_layers, self.num_heads, self.head_dim, self.kv_dtype = num_layers, num_heads, head_dim, kv_dtype
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(num_layers) for k in ("key", "value")]
