@@ -75,7 +75,10 @@ class Model:
         check_verifies(self)
         if draft == NGRAM:
             return lambda: Speculator(NgramDrafter(), tokens)
-        drafter = load(draft, threads=None)
+        try:
+            drafter = load(draft)
+        except ArtifactError as exc:
+            raise UsageError(f"--speculate takes ngram or a draft artifact's folder: {exc}") from None
         vocab = shared_vocabulary(self, drafter)
         return lambda: Speculator(ModelDrafter(drafter, vocab), tokens)
 
