@@ -44,6 +44,25 @@ def test_inspect_and_presets():
     assert listing.count("\n") == 14 and "gpt-neox-20b" in listing and "82.22 GB" in listing
 
 
+
+def test_make_checkpoint_with_a_gpt_neo_vocabulary_prints_two_lines(tmp_path):
+    """The built-in byte tokenizer at GPT-Neo's vocabulary (ids 256-50255 unused) made the tokenizers library
+    print a ~340 KB "OrderedVocab ... contains holes" warning on stdout (Rust's println!, not stderr)."""
+    proc = run("make-checkpoint", "--preset", "gpt-neo-125m", tmp_path / "neo", "--layers", 1, "--hidden", 64,
+               "--heads", 4)
+    assert "holes" not in proc.stdout + proc.stderr
+    assert len(proc.stdout.splitlines()) == 2 and len(proc.stdout) < 400 and proc.stderr == "", proc.stdout[:300]
+
+
+def test_tokenizer_json_of_a_vocabulary_with_holes_is_silent(capfd):
+    from neodeploy.runtime.tokenizer import builtin_byte_tokenizer, tokenizer_json
+
+    text = tokenizer_json(builtin_byte_tokenizer(50256, 50257))  # what structured output hands llguidance
+    assert json.loads(text)["model"]["vocab"]["<|endoftext|>"] == 50256
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", out[:200]
+
+
 @pytest.mark.slow
 def test_demo_trains_a_model_that_writes_words_and_keeps_only_what_it_is_told(tmp_path):
     import re
