@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from neodeploy import __version__
+from neodeploy.demo import DemoOptions, run_demo
 from neodeploy.errors import NeodeployError, UsageError
 from neodeploy.export import memory as export_memory
 from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
@@ -23,7 +23,6 @@ EXTRAS = {
     "trt": ("tensorrt", "polygraphy", "onnx_graphsurgeon"),
     "dev": ("transformers", "optimum", "matplotlib"),
 }
-DEFAULT_PROMPT = "Return the"
 
 # make-checkpoint overrides: flag -> ModelSpec field
 OVERRIDES = {
@@ -532,88 +531,12 @@ def cmd_lint(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def _train_demo_model(checkpoint: Path, seconds: float, steps: int) -> dict:
-    """A byte-level model trained for `seconds` on the stdlib's docstrings: the demo then shows words."""
-    import shutil
-
-    from neodeploy.files import make_temp_dir, normalise_permissions, publish
-    from neodeploy.reference import train as training
-    from neodeploy.runtime.tokenizer import Tokenizer, write_tokenizer_files
-
-    spec = training.byte_model_spec()
-    tmp = make_temp_dir(checkpoint, UsageError)
-    try:
-        write_tokenizer_files(tmp, spec, None)
-        tokenizer = Tokenizer.from_dir(tmp)
-        data = training.token_stream(tokenizer.encode, training.stdlib_docstrings(1_000_000))
-        model, stats = training.train(spec, data, steps=steps, seconds=seconds, lr=6e-3, echo=lambda line: print(" " + line))
-        training.save(model, spec, tmp, stats)
-        normalise_permissions(tmp)
-        publish(tmp, checkpoint)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return stats
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job end to end on a built-in default: no network, no user files."""
-    import shutil
-
-    from neodeploy.export import export
-    from neodeploy.reference.checkpoint import make_checkpoint
-    from neodeploy.runtime import load
-    from neodeploy.runtime.check import run_check
-    from neodeploy.runtime.check import table as check_table
-    from neodeploy.validate import table as validate_table
-    from neodeploy.validate import validate
-
-    if args.train_seconds <= 0:
-        raise UsageError(f"--train-seconds must be > 0, got {args.train_seconds}")
-    if args.train_steps < 1:
-        raise UsageError(f"--train-steps must be a positive integer, got {args.train_steps}")
-    keep = args.workdir is not None
-    workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="neodeploy-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint, artifact = workdir / "checkpoint", workdir / "artifact"
-    try:
-        start = time.perf_counter()
-        if args.preset:
-            spec = preset(args.preset)
-            print(f"== 1/5 make-checkpoint: random-initialised {args.preset} ({human_count(spec.num_parameters())} parameters)")
-            make_checkpoint(spec, checkpoint, seed=0, overwrite=True)
-        else:
-            print(f"== 1/5 train: a byte-level GPT-NeoX (pythia-14m architecture, 2 layers) on the standard library's "
-                  f"docstrings for {args.train_seconds:g} s")
-            stats = _train_demo_model(checkpoint, args.train_seconds, args.train_steps)
-            print(f"   held-out loss {stats['held_out_loss']:.2f} (uniform {stats['uniform_loss']:.2f}) after "
-                  f"{stats['steps']} steps")
-        print(f"   {checkpoint} written in {time.perf_counter() - start:.1f} s")
-        print(f"== 2/5 export: {checkpoint} -> {artifact} ({args.precision}), verified in onnxruntime against the reference")
-        export(checkpoint, artifact, precision=args.precision, overwrite=True)
-        print(f"== 3/5 generate: {args.max_new_tokens} tokens from {args.prompt!r} with the runtime (no PyTorch)")
-        model = load(artifact)
-        greedy = model.generate(args.prompt, max_new_tokens=args.max_new_tokens)[0]
-        sampled = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=0.7, top_k=20,
-                                 repetition_penalty=1.2, seed=0)[0]
-        print(f"   prompt ids {greedy.prompt_ids[:12]}{' ...' if len(greedy.prompt_ids) > 12 else ''}")
-        print(f"   greedy     {args.prompt + greedy.text!r}  ({greedy.finish_reason})")
-        print(f"   sampled    {args.prompt + sampled.text!r}  (temperature 0.7, top-k 20, repetition penalty 1.2, seed 0)")
-        if args.preset:
-            print("   (random weights: the text is noise, and ids beyond the built-in byte tokenizer decode to nothing)")
-        print("== 4/5 check: replay golden.npz with the runtime alone")
-        results = run_check(model)
-        print(check_table(results))
-        print("== 5/5 validate: runtime vs the PyTorch reference")
-        report = validate(model, checkpoint, steps=16)
-        print(validate_table(report))
-        ok = all(r.passed for r in results) and report.passed
-    finally:
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    where = f"checkpoint and artifact kept in {workdir}" if keep else \
-        "temporary folder removed (pass --workdir DIR to keep the checkpoint and the artifact)"
-    print(f"demo {'complete' if ok else 'FAILED'}: {where}")
-    return 0 if ok else 1
+    """The main job end to end on a built-in default: no network, no user files (neodeploy.demo)."""
+    options = DemoOptions(preset=args.preset, train_steps=args.train_steps, train_seconds=args.train_seconds,
+                          workdir=Path(args.workdir) if args.workdir is not None else None, prompt=args.prompt,
+                          max_new_tokens=args.max_new_tokens, precision=args.precision)
+    return 0 if run_demo(options) else 1
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -839,13 +762,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", help="run on a random-initialised published architecture instead of the trained "
                    "byte-level default")
-    p.add_argument("--train-seconds", type=float, default=30.0, help="training time of the default model (default 30)")
-    p.add_argument("--train-steps", type=int, default=100_000, help="at most this many training steps (a fixed "
-                   "count makes the demo's model the same on every machine, however fast)")
+    p.add_argument("--train-steps", type=int, default=DemoOptions.train_steps, help="training steps of the default "
+                   "model (seeded: a fixed count makes the demo's model the same on every machine, however fast)")
+    p.add_argument("--train-seconds", type=float, help="also stop training after this many seconds (the model then "
+                   "depends on the machine's speed; default: no time limit)")
     p.add_argument("--workdir", help="keep the checkpoint and artifact here (default: a temporary folder, removed)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt to continue")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    p.add_argument("--precision", default="fp32", help="export precision: fp32 or fp16")
+    p.add_argument("--prompt", default=DemoOptions.prompt, help="the prompt to continue")
+    p.add_argument("--max-new-tokens", type=int, default=DemoOptions.max_new_tokens, help="tokens to generate")
+    p.add_argument("--precision", default=DemoOptions.precision, help="export precision: fp32 or fp16")
     p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_demo)
     return parser

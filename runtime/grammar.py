@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from neodeploy.errors import UsageError
+from neodeploy.runtime.tokenizer import tokenizer_json
 
 CACHE_SIZE = 64  # compiled grammars kept per model (least recently used dropped first)
 
@@ -127,7 +128,7 @@ class Grammars:
                 raise UsageError("structured output needs the artifact's tokenizer; this artifact has none")
             llg = _llguidance()
             eos = self.eos_token_id if self.eos_token_id is not None else 0
-            self._tokenizer = llg.LLTokenizer(self._hf.backend.to_str(), n_vocab=self.vocab_size, eos_token=eos)
+            self._tokenizer = llg.LLTokenizer(tokenizer_json(self._hf.backend), n_vocab=self.vocab_size, eos_token=eos)
         return self._tokenizer
 
     def matcher(self, grammar: Grammar):

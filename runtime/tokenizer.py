@@ -236,17 +236,33 @@ def builtin_byte_tokenizer(eos_token_id: int | None, vocab_size: int) -> Any | N
     return tk
 
 
+def tokenizer_json(tk: Any, pretty: bool = False) -> str:
+    """The tokenizer's JSON (`tokenizers.Tokenizer.to_str()`), without the library's "holes" warning.
+
+    A vocabulary with unused ids (the built-in byte tokenizer at a GPT-Neo-sized vocabulary: bytes at 0-255,
+    <|endoftext|> at 50256) makes the Rust library print "The OrderedVocab you are attempting to save contains
+    holes for indices [256, 257, ...]" on standard output, once per call: ~340 KB. The holes are by design (ids
+    the byte tokenizer never produces decode to nothing), so only that case runs with file descriptor 1 pointed
+    at /dev/null; any other tokenizer is serialised untouched."""
+    vocab = tk.get_vocab(with_added_tokens=True)
+    if len(vocab) == max(vocab.values(), default=-1) + 1:
+        return tk.to_str(pretty)
+    with _fd_silenced(1):
+        return tk.to_str(pretty)
+
+
 @contextlib.contextmanager
-def _stderr_silenced():
-    """File descriptor 2 to /dev/null for a moment: the warning comes from Rust, not from Python's logging."""
+def _fd_silenced(fd: int):
+    """A file descriptor to /dev/null for a moment: the warning comes from Rust's println!, not from Python."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = os.dup(fd)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        os.dup2(devnull, fd)
         yield
     finally:
-        os.dup2(saved, 2)
+        os.dup2(saved, fd)
         os.close(saved)
         os.close(devnull)
 
@@ -270,8 +286,7 @@ def write_tokenizer_files(dest: Path, spec: Any, tokenizer_dir: str | Path | Non
     tk = builtin_byte_tokenizer(spec.eos_token_id, spec.vocab_size)
     if tk is None:
         return False
-    with _stderr_silenced():  # tokenizers warns about the vocabulary's unused ids, once per id (~340 KB for GPT-Neo)
-        tk.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer.json").write_text(tokenizer_json(tk, pretty=True), encoding="utf-8")
     (dest / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": EOT, "bos_token": EOT, "model_max_length": spec.max_positions,
                     "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"
