@@ -507,8 +507,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.artifact)
     verify_files(manifest)  # a corrupt or truncated graph is one line, as in load
-    if manifest.onnx.target == "cpu" or manifest.quantization:
-        what = "a --target cpu export" if manifest.onnx.target == "cpu" else "a quantised export"
+    if manifest.onnx.target in ("cpu", "cuda") or manifest.quantization:
+        what = f"a --target {manifest.onnx.target} export" if manifest.onnx.target != "portable" else "a quantised export"
         print(f"lint {args.artifact}: FAIL  this is {what} (onnxruntime-only ops); TensorRT builds from a portable fp16 "
               "export: neodeploy export CHECKPOINT OUT --precision fp16")
         return 1
@@ -613,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
     p.add_argument("--block-size", type=int, help="int4 block size of the layers: 32, 64 (default) or 128")
     p.add_argument("--head-bits", type=int, help="int4's lm_head: 8 (default, 8-bit) or 4")
-    p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime) or cpu "
-                   "(onnxruntime fusions, last-position logits only)")
+    p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime), cpu "
+                   "(onnxruntime fusions, last-position logits only) or cuda (fp16, onnxruntime's CUDA "
+                   "GroupQueryAttention, rows left-aligned in the cache: docs/gpu.md)")
     p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "
                    "(the last position only, all generation reads; always so for --target cpu)")
     p.add_argument("--max-memory", metavar="SIZE", help="memory the export may use (e.g. 32GB), instead of what "

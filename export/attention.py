@@ -32,12 +32,12 @@ def _schema() -> defs.OpSchema:
     attributes = [defs.OpSchema.Attribute(name, kind, "") for name, kind in (
         ("num_heads", defs.OpSchema.AttrType.INT), ("kv_num_heads", defs.OpSchema.AttrType.INT),
         ("scale", defs.OpSchema.AttrType.FLOAT), ("do_rotary", defs.OpSchema.AttrType.INT),
-        ("rotary_interleaved", defs.OpSchema.AttrType.INT))]
+        ("rotary_interleaved", defs.OpSchema.AttrType.INT), ("local_window_size", defs.OpSchema.AttrType.INT))]
     return defs.OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[_P(name, kind, param_option=_OPTIONAL) if optional else _P(name, kind) for name, kind, optional in inputs],
         outputs=[_P("output", "T"), _P("present_key", "T"), _P("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""), ("I", ["tensor(int64)"], "")],
         attributes=attributes,
     )
 
@@ -58,7 +58,23 @@ def _attention(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads: i
                 rotary_interleaved=0)
 
 
+def _attention_by_lengths(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads: int,
+                          scale: float, window: int):
+    """The CUDA target (reference/lengths.py): no attention_bias. Rows are left-aligned, so a row's real tokens are
+    its length: seqlens_k = ReduceSum(attention_mask) - 1 per row, total_sequence_length the mask's width, and the
+    kernel masks causally and, on a local layer, to the `window` latest keys (onnxruntime >= 1.23 counts the query
+    itself in local_window_size, as GPT-Neo's window does)."""
+    axis = op.Constant(value=helper.make_tensor("axis", TensorProto.INT64, [1], [1]))
+    one = op.Constant(value=helper.make_tensor("one", TensorProto.INT32, [1], [1]))
+    lengths = op.Cast(op.ReduceSum(attention_mask, axis, keepdims=0), to=TensorProto.INT32)
+    total = op.Squeeze(op.Cast(op.Shape(attention_mask, start=1, end=2), to=TensorProto.INT32))
+    return _GQA(q, k, v, past_k, past_v, op.Sub(lengths, one), total, cos_cache, sin_cache, None, None,
+                num_heads=num_heads, kv_num_heads=num_heads, scale=scale, do_rotary=int(cos_cache is not None),
+                rotary_interleaved=0, local_window_size=window if window else -1)
+
+
 def translation_table() -> dict:
     from neodeploy.reference.fused import fused_attention  # importing it registers torch.ops.neodeploy.attention
+    from neodeploy.reference.lengths import attention_by_lengths  # and neodeploy.attention_by_lengths
 
-    return {fused_attention._opoverload: _attention}
+    return {fused_attention._opoverload: _attention, attention_by_lengths._opoverload: _attention_by_lengths}

@@ -56,7 +56,7 @@ def build_engine(artifact: str | Path, profile: str | Path, *, timing_cache: str
         raise UsageError(f"{artifact} is an {manifest.precision} export; TensorRT engines are built from fp16 "
                          "exports: run neodeploy export --precision fp16")
     if manifest.onnx.target != "portable":
-        raise UsageError(f"{artifact} is a CPU-target export (onnxruntime-only fused ops); build engines from the "
+        raise UsageError(f"{artifact} is a --target {manifest.onnx.target} export (onnxruntime-only fused ops); build engines from the "
                          "portable export: neodeploy export --precision fp16")
     shapes = trt_profiles(deployment, manifest.spec, manifest.max_context)  # a profile that does not fit: before GPU work
     if not 0 <= opt_level <= 5:

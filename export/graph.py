@@ -66,7 +66,8 @@ def _example_inputs(spec: ModelSpec, dtype: torch.dtype):
 
 
 def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_states: bool = False,
-          last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
+          last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None,
+          by_lengths: bool = False) -> None:
     """Export `model` to `path` + `path.data` with dynamic batch / sequence / past dimensions.
 
     The exporter's own save streams each weight from the torch tensors into the data file, so the export
@@ -75,7 +76,8 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
     working should run this in a child process (see trace_in_subprocess).
 
     fused_attention (CPU target) traces each layer's attention core as one neodeploy::attention op and lowers it
-    to onnxruntime's GroupQueryAttention (export/attention.py)."""
+    to onnxruntime's GroupQueryAttention (export/attention.py); by_lengths (CUDA target) in the left-aligned layout,
+    without attention_bias (reference/lengths.py)."""
     if opset not in SUPPORTED_OPSETS:
         raise UsageError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
     spec: ModelSpec = model.spec
@@ -94,7 +96,7 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
     if fused_attention:
         from neodeploy.export.attention import translation_table
 
-        model.use_fused_attention(max_context or spec.max_positions)
+        model.use_fused_attention(max_context or spec.max_positions, by_lengths=by_lengths)
         translations = translation_table()
     # The exporter narrates every stage on stdout and warns about internals; our own progress says enough.
     quiet = io.StringIO()
@@ -119,11 +121,12 @@ def trace(model: nn.Module, path: Path, opset: int = DEFAULT_OPSET, hidden_state
 
 
 def _trace_checkpoint(checkpoint: str, path: str, opset: int, precision: str, hidden_states: bool,
-                      last_logits_only: bool, fused_attention: bool, max_context: int | None) -> None:
+                      last_logits_only: bool, fused_attention: bool, max_context: int | None,
+                      by_lengths: bool = False) -> None:
     from neodeploy.reference.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint, dtype=torch.float16 if precision == "fp16" else torch.float32)
-    trace(model, Path(path), opset, hidden_states, last_logits_only, fused_attention, max_context)
+    trace(model, Path(path), opset, hidden_states, last_logits_only, fused_attention, max_context, by_lengths)
 
 
 def die_with_parent() -> None:
@@ -184,10 +187,11 @@ def in_subprocess(fn, *args):
 
 
 def trace_in_subprocess(checkpoint: Path, path: Path, opset: int, precision: str, hidden_states: bool = False,
-                        last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None) -> None:
+                        last_logits_only: bool = False, fused_attention: bool = False, max_context: int | None = None,
+                        by_lengths: bool = False) -> None:
     """Load and trace in a fresh process, so every byte the exporter holds goes back to the OS when it exits."""
     in_subprocess(_trace_checkpoint, str(checkpoint), str(path), opset, precision, hidden_states, last_logits_only,
-                  fused_attention, max_context)
+                  fused_attention, max_context, by_lengths)
 
 
 def convert(path: Path, spec: ModelSpec, precision: str, hidden_states: bool = False) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import fuse, graph, memory, refcache, verify
+from neodeploy.export import cuda as cuda_graph, fuse, graph, memory, refcache, verify
 from neodeploy.progress import live
 from neodeploy.export import quantize as quantization
 from neodeploy.reference.spec import MAX_POSITIONS, load_spec
@@ -19,7 +19,7 @@ from neodeploy.runtime.manifest import write_manifest
 from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
 PRECISIONS = ("fp32", "fp16")
-TARGETS = ("portable", "cpu")
+TARGETS = ("portable", "cpu", "cuda")
 LOGITS = ("all", "last")
 COPIED = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
@@ -131,9 +131,14 @@ def export(
     checkpoint's tokenizer_config.json template)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if target not in TARGETS:
-        raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum) or cpu")
+        raise UsageError(f"--target {target!r} is not supported; choose portable (TensorRT, Optimum), cpu or cuda")
+    if target == "cuda" and (precision != "fp16" or quantize):
+        raise UsageError("--target cuda is fp16 (onnxruntime's CUDA GroupQueryAttention runs fp16 only): "
+                         "export with --precision fp16 and no --quantize")
+    if target == "cuda" and logits == "all":
+        raise UsageError("--target cuda returns last-position logits only; drop --logits all, or export --target portable")
     if logits is None:
-        logits = "last" if target == "cpu" else "all"
+        logits = "last" if target in ("cpu", "cuda") else "all"
     if logits not in LOGITS:
         raise UsageError(f"--logits {logits!r} is not supported; choose all or last")
     if target == "cpu" and logits != "last":
@@ -141,7 +146,7 @@ def export(
     spec, max_context = check_request(checkpoint, out_dir, precision, opset, max_context, overwrite, quantize,
                                       block_size, head_bits)
     memory.check(spec, max_memory, ExportError)  # said before any work, from the spec
-    cpu = target == "cpu"
+    cpu, cuda = target == "cpu", target == "cuda"
     # The fused attention and its in-place cache are fp32 (onnxruntime's CPU kernel ran slower in fp16): an fp16 CPU
     # export keeps the plain attention.
     in_place = cpu and precision == "fp32"
@@ -162,7 +167,7 @@ def export(
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {opset}, {precision}, in a child process"):
             graph.trace_in_subprocess(checkpoint, onnx_path, opset, precision, last_logits_only=logits == "last",
-                                      fused_attention=in_place, max_context=max_context)
+                                      fused_attention=in_place or cuda, max_context=max_context, by_lengths=cuda)
         with progress.stage("convert", "I/O contract, dimension names, IR version"):
             graph.convert(onnx_path, spec, precision)
         with progress.stage("clean", "onnxslim constant folding and dead-node removal"):
@@ -185,12 +190,14 @@ def export(
         if cpu:  # last position by default, the last num_logits on request (speculative decoding's verification)
             graph.tail_logits(onnx_path)
             logits = "tail"
+        if cuda:  # rows left-aligned: each row's last real position, not the last column
+            cuda_graph.last_real_logits(onnx_path)
         with progress.stage("verify", f"onnxruntime CPU vs reference, {len(cases)} cases x {verify.DECODE_STEPS} steps"):
             decoder = verify.OnnxDecoder(onnx_path, spec)
             with live("verify", total=len(cases), unit="case") as bar:
                 results = []
                 for case in cases:
-                    results.append(verify.compare(decoder, case, gate))
+                    results.append(verify.compare(decoder, case, gate, aligned=cuda))
                     bar.update()
             del decoder
             echo(verify.table(results, gate))
@@ -216,6 +223,10 @@ def export(
                 manifest["onnx"].update(target="cpu", fused=fused)
                 if in_place:
                     manifest["onnx"].update(kv_cache="in-place", rotary="kernel" if spec.rotary_in_kernel else "graph")
+            if cuda:  # the kernel computes q·kᵀ and softmax with fp32 accumulators: the attention islands are inside it
+                manifest["onnx"].update(target="cuda", kv_cache="in-place",
+                                        rotary="kernel" if spec.rotary_in_kernel else "graph",
+                                        fp32_islands=["LayerNormalization", "GroupQueryAttention (in-kernel)", "logits"])
             write_manifest(tmp, manifest)
             publish(tmp, out_dir)
     except BaseException as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neodeploy.runtime.aligned import align_left, lengths_mask
 from neodeploy.runtime.check import clear_preference
 from neodeploy.runtime.model import left_pad, position_ids
 
@@ -156,11 +157,13 @@ class OnnxDecoder:
         return out[0], out[1:]
 
 
-def compare(decoder: OnnxDecoder, case: Case, precision: str) -> CaseResult:
-    """Prefill then teacher-forced decode in onnxruntime; errors against the reference's logits."""
+def compare(decoder: OnnxDecoder, case: Case, precision: str, aligned: bool = False) -> CaseResult:
+    """Prefill then teacher-forced decode in onnxruntime; errors against the reference's logits. aligned: feed the
+    CUDA target's layout (rows left-aligned, masks right-padded: runtime/aligned.py) instead of left padding."""
     tol = TOLERANCE[precision]
-    mask = case.attention_mask
-    logits, cache = decoder(case.input_ids, mask, position_ids(mask), decoder.empty_cache(mask.shape[0]))
+    ids, mask = align_left(case.input_ids, case.attention_mask) if aligned else (case.input_ids, case.attention_mask)
+    logits, cache = decoder(ids, mask, position_ids(mask), decoder.empty_cache(mask.shape[0]))
+    mask = case.attention_mask  # the reference's (left-padded) positions, for what follows
     # A CPU-target graph returns the last position only; left padding puts every row's last token there.
     want = case.prefill_logits[:, -logits.shape[1]:]
     real = mask[:, -logits.shape[1]:].astype(bool)
@@ -170,7 +173,8 @@ def compare(decoder: OnnxDecoder, case: Case, precision: str) -> CaseResult:
     for step in range(case.tokens.shape[1] - 1):
         token = case.tokens[:, step : step + 1].astype(np.int64)
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
-        logits, cache = decoder(token, mask, position_ids(mask)[:, -1:], cache)
+        fed = lengths_mask(mask.sum(1)) if aligned else mask
+        logits, cache = decoder(token, fed, position_ids(mask)[:, -1:], cache)
         step_logits.append(logits[:, -1])
     ours = np.stack(step_logits, axis=1)
     errors.append(np.abs(ours - case.step_logits).max())

@@ -23,7 +23,8 @@ from neodeploy.reference.layers import (
     past_length,
     split_heads,
 )
-from neodeploy.reference.fused import attention_bias, fused_attention
+from neodeploy.reference.fused import attention_bias
+from neodeploy.reference.lengths import Lengths, attend
 from neodeploy.reference.spec import ModelSpec
 
 
@@ -49,8 +50,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, allowed: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         if self.fused:  # allowed is the additive bias here (see GPTNeo.forward); GPT-Neo does not scale q·kᵀ
-            out, k, v = fused_attention(self.qkv_proj(x), None, None, past[0], past[1], allowed, None, None,
-                                        self.num_heads, 1.0)
+            out, k, v = attend(self.qkv_proj(x), None, None, past[0], past[1], allowed, None, None, self.num_heads, 1.0)
             return self.out_proj(out), k, v
         q = split_heads(self.q_proj(x), self.num_heads)
         k = split_heads(self.k_proj(x), self.num_heads)
@@ -110,17 +110,19 @@ class GPTNeo(nn.Module):
         self.transformer = Transformer(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.fused = False
+        self.by_lengths = False  # the CUDA target's layout (reference/lengths.py)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.spec.tied_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def use_fused_attention(self, max_context: int) -> None:
-        """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache."""
+    def use_fused_attention(self, max_context: int, by_lengths: bool = False) -> None:
+        """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache.
+        by_lengths: through neodeploy::attention_by_lengths instead (the CUDA target: rows left-aligned)."""
         if self.fused:
             return
-        self.fused = True
+        self.fused, self.by_lengths = True, by_lengths
         for block in self.transformer.h:
             block.attn.attention.use_fused_attention()
 
@@ -144,7 +146,9 @@ class GPTNeo(nn.Module):
         x = t.wte(input_ids) + t.wpe(position_ids)
         global_allowed = allowed_keys(attention_mask, seq, None)
         local_allowed = allowed_keys(attention_mask, seq, self.spec.window_size) if self.spec.window_size else None
-        if self.fused:
+        if self.by_lengths:
+            global_allowed, local_allowed = Lengths(attention_mask), Lengths(attention_mask, self.spec.window_size or 0)
+        elif self.fused:
             global_allowed = attention_bias(global_allowed)
             local_allowed = attention_bias(local_allowed) if local_allowed is not None else None
         present: KVCache = []

@@ -23,7 +23,8 @@ from neodeploy.reference.layers import (
     merge_heads,
     past_length,
 )
-from neodeploy.reference.fused import attention_bias, fused_attention, packed_rows
+from neodeploy.reference.fused import attention_bias, packed_rows
+from neodeploy.reference.lengths import Lengths, attend
 from neodeploy.reference.spec import ModelSpec
 
 
@@ -78,7 +79,7 @@ class Attention(nn.Module):
         # happens inside the op, otherwise here at position_ids.
         b, s, _ = x.shape
         if self.packed:
-            out, k, v = fused_attention(self.query_key_value(x), None, None, past[0], past[1], allowed,
+            out, k, v = attend(self.query_key_value(x), None, None, past[0], past[1], allowed,
                                         self.cos_cache, self.sin_cache, self.num_heads, self.scale)
             return self.dense(out), k, v
         qkv = self.query_key_value(x).view(b, s, self.num_heads, 3 * self.head_dim)
@@ -86,8 +87,8 @@ class Attention(nn.Module):
         if self.cos_cache is None:
             cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
             q, k = apply_rotary(q, cos, sin, self.rotary_dims), apply_rotary(k, cos, sin, self.rotary_dims)
-        out, k, v = fused_attention(q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1), past[0], past[1],
-                                    allowed, self.cos_cache, self.sin_cache, self.num_heads, self.scale)
+        out, k, v = attend(q.reshape(b, s, -1), k.reshape(b, s, -1), v.reshape(b, s, -1), past[0], past[1],
+                           allowed, self.cos_cache, self.sin_cache, self.num_heads, self.scale)
         return self.dense(out), k, v
 
 
@@ -137,17 +138,20 @@ class GPTNeoX(nn.Module):
         self.gpt_neox = Body(spec)
         self.embed_out = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.fused = False
+        self.by_lengths = False  # the CUDA target's layout (reference/lengths.py)
         self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.spec.tied_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
-    def use_fused_attention(self, max_context: int) -> None:
+    def use_fused_attention(self, max_context: int, by_lengths: bool = False) -> None:
         """Route attention through neodeploy::attention (the CPU export's GroupQueryAttention); needs a cache.
         Rotary moves into the op, with cos / sin tables for every position computed as rotary_cos_sin does, where
         onnxruntime's kernel takes the table width (ModelSpec.rotary_in_kernel); then query_key_value's rows are
-        also reordered into the op's packed [q | k | v] form (the same numbers: a permutation of the outputs)."""
+        also reordered into the op's packed [q | k | v] form (the same numbers: a permutation of the outputs).
+        by_lengths: neodeploy::attention_by_lengths instead (the CUDA target: rows left-aligned); the tables take the
+        model's dtype, as the kernel wants them (rotary_cos_sin's fp32 values, rounded as apply_rotary rounds them)."""
         if self.fused:
             return
         half = self.spec.rotary_dims // 2
@@ -156,7 +160,10 @@ class GPTNeoX(nn.Module):
             positions = torch.arange(max(max_context, self.spec.max_positions)).unsqueeze(0)
             cos, sin = rotary_cos_sin(self.spec, positions)
             tables = (cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous())
-        self.fused = True
+            if by_lengths:
+                dtype = self.embed_out.weight.dtype
+                tables = (tables[0].to(dtype), tables[1].to(dtype))
+        self.fused, self.by_lengths = True, by_lengths
         for layer in self.gpt_neox.layers:
             layer.attention.fused = True
             layer.attention.cos_cache, layer.attention.sin_cache = tables
@@ -193,7 +200,9 @@ class GPTNeoX(nn.Module):
             position_ids = default_position_ids(attention_mask, seq)
         cos, sin = rotary_cos_sin(self.spec, position_ids)
         allowed = allowed_keys(attention_mask, seq, None)
-        if self.fused:
+        if self.by_lengths:
+            allowed = Lengths(attention_mask)
+        elif self.fused:
             allowed = attention_bias(allowed)
         x = self.gpt_neox.embed_in(input_ids)
         present: KVCache = []

@@ -33,6 +33,7 @@ class Backend(Protocol):
     exclusive: bool
     lock: Any  # a context manager
     joinable: bool
+    aligned: bool  # rows left-aligned in the cache, masks right-padded (--target cuda): DecodeBatch is an AlignedBatch
     in_place: bool
     kernel_rotary: Any  # batch.RotaryTable when keys are rotated at their cache index (CPU target), else None
     verifies: bool  # `verify` returns logits at several positions in one call (speculative decoding)
@@ -128,6 +129,7 @@ class OrtBackend:
     exclusive = False
     lock = contextlib.nullcontext()
     joinable = True
+    aligned = False
 
     def __init__(self, model_path: Path, num_layers: int, num_heads: int, head_dim: int, kv_dtype: np.dtype,
                  providers: list[str] | None = None, threads: int | None = None, in_place: bool = False,
@@ -249,6 +251,12 @@ def create_backend(name: str | None, artifact: Path, manifest: Manifest, provide
                    threads: int | None = None) -> Backend:
     spec = manifest.spec
     name = name or "onnxruntime"
+    if name in ("onnxruntime", "ort") and manifest.onnx.target == "cuda":
+        from neodeploy.runtime.aligned import AlignedBackend, check_cuda
+
+        check_cuda(artifact, providers)
+        return AlignedBackend(artifact / manifest.onnx.file, spec.num_layers, spec.num_heads, spec.head_dim,
+                              manifest.kv_dtype, providers, threads)
     if name in ("onnxruntime", "ort"):
         rotary = None
         if manifest.onnx.rotary == "kernel":  # keys are rotated at their cache index: moving a row re-rotates them

@@ -72,6 +72,13 @@ class DecodeBatch:
     together), `step` feeds one token per row, `join` takes in the rows of another (freshly prefilled) batch,
     `keep` drops the rest. Joining and dropping need a backend whose cache can move (`backend.joinable`)."""
 
+    def __new__(cls, backend, rows: int = 0, capacity: int = 0):
+        if cls is DecodeBatch and backend.aligned:  # the CUDA target's layout: rows left-aligned (runtime/aligned.py)
+            from neodeploy.runtime.aligned import AlignedBatch
+
+            cls = AlignedBatch
+        return super().__new__(cls)
+
     def __init__(self, backend, rows: int = 0, capacity: int = 0):
         self.backend = backend
         self.mask = np.zeros((0, 0), np.int64)

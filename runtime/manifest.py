@@ -25,6 +25,7 @@ FORMAT = "neodeploy-artifact"
 FORMAT_VERSION = 2
 READS = (1, 2)
 DTYPES = ("fp32", "fp16")
+TARGETS = ("portable", "cpu", "cuda")  # cuda: rows left-aligned in the cache, masks right-padded (runtime/aligned.py)
 QUANTIZATIONS = ("int8", "int4")
 _NOT_FIELDS = ("format", "format_version", "files", "precision")  # the writer sets these (precision: version 1)
 
@@ -34,7 +35,7 @@ class OnnxGraph:
     file: str
     external_data: str
     opset: int | None
-    target: str  # portable | cpu
+    target: str  # portable | cpu | cuda
     logits: str  # all | last | tail (positions the graph returns logits for; tail: the last, or the last num_logits)
     kv_cache: str  # concatenated | in-place
     rotary: str  # graph | kernel (GroupQueryAttention rotates keys at their cache index)
@@ -155,7 +156,9 @@ class Manifest:
         onnx = want(data, "onnx", dict, "an object")
         names = {key: want(onnx, key, str, "a file name", "onnx.") for key in ("file", "external_data")}
         opset = want(onnx, "opset", int, "an integer", "onnx.", default=None)
-        target = one_of(onnx, "target", ("portable", "cpu"), "onnx.", default="portable")
+        target = one_of(onnx, "target", TARGETS, "onnx.", default="portable")
+        if target == "cuda" and dtype != "fp16":
+            raise fail("dtype", '"fp16" in a --target cuda export')
         logits = one_of(onnx, "logits", ("all", "last", "tail"), "onnx.", default="all")
         kv_cache = one_of(onnx, "kv_cache", ("concatenated", "in-place"), "onnx.", default="concatenated")
         default_rotary = "kernel" if kv_cache == "in-place" and spec.rotary_in_kernel else "graph"

@@ -167,7 +167,7 @@ class ScriptedBackend:
 
     name = "scripted"
     max_batch = max_prompt = max_context = None
-    exclusive = joinable = in_place = False
+    exclusive = joinable = in_place = aligned = False
     lock = kernel_rotary = None
 
     def __init__(self, script, vocab):
@@ -413,7 +413,7 @@ class OneBufferBackend:
 
     name = "one-buffer"
     max_batch = max_prompt = max_context = None
-    exclusive, joinable, in_place, kernel_rotary = True, False, False, None
+    exclusive, joinable, in_place, aligned, kernel_rotary = True, False, False, False, None
 
     def __init__(self, inner):
         self.inner, self.lock, self.unlocked, self.cache = inner, _OwnedLock(), [], None
