@@ -763,8 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", help="run on a random-initialised published architecture instead of the trained "
                    "byte-level default")
-    p.add_argument("--train-steps", type=int, default=DemoOptions.train_steps, help="training steps of the default "
-                   "model (seeded: a fixed count makes the demo's model the same on every machine, however fast)")
+    p.add_argument("--train-steps", type=int, default=DemoOptions.train_steps, help="train the default model anew for "
+                   "this many seeded steps (default: the shipped copy, trained by the same code for 1200 steps)")
     p.add_argument("--train-seconds", type=float, help="also stop training after this many seconds (the model then "
                    "depends on the machine's speed; default: no time limit)")
     p.add_argument("--workdir", help="keep the checkpoint and artifact here (default: a temporary folder, removed)")

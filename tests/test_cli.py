@@ -70,8 +70,12 @@ def test_demo_trains_a_model_that_writes_words_and_keeps_only_what_it_is_told(tm
 
     from neodeploy.reference.train import stdlib_docstrings
 
-    # The default: a fixed, seeded step count, not a time, so the same model however loaded the machine is.
+    # The default: the shipped model, made by the demo's own training for a fixed, seeded step count.
+    from neodeploy.demo import SHIPPED, TRAIN_STEPS
+
+    assert json.loads((SHIPPED / "training.json").read_text())["steps"] == TRAIN_STEPS
     out = run("demo", "--workdir", tmp_path, timeout=600).stdout
+    assert "the shipped byte-level GPT-NeoX" in out
     assert "demo complete" in out and f"kept in {tmp_path}" in out
     assert "validate passed" in out and out.count(" ok") >= 6  # export verification + check tables
     greedy = ast.literal_eval(re.search(r"^   greedy     ('.*')  \(", out, re.M).group(1))
