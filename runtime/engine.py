@@ -420,7 +420,10 @@ class Engine:
         start = time.perf_counter()
         tokens = np.array([e.handle.sequence.last_token for e in self._running], dtype=np.int64)
         logits = self._batch.step(tokens)
-        self.observer.step(len(self._running), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.observer.step(len(self._running), seconds)
+        if self.speculator is not None and len(self._running) == 1:
+            self.speculator.plain_step(seconds)  # what a speculative step has to beat
         finished = []
         for row, entry in enumerate(self._running):
             try:

@@ -17,9 +17,10 @@ with probability p(x) — the same distribution as drawing from p and keeping d 
 consumes the same uniform draws in the same order, so the output is token for token the one plain decoding gives.
 Greedy is the special case (the draw is the argmax).
 
-Adaptive: a draft with nothing accepted costs one wider call (about a step and a half at k = 4 on a small model);
-after one, speculation rests for 2, 4, ... 64 steps, and any accepted token ends the rest. So a workload the drafter
-cannot predict pays for at most one wide call in 65 steps.
+Adaptive, by the clock: a speculative step (drafting included) must yield more tokens per second than a plain step
+(the caller reports those: `plain_step`). Where it does not — nothing accepted, or too little for a draft model's
+cost — speculation rests for 2, 4, ... 64 plain steps before it tries again, and a try that pays ends the rest. So a
+workload the drafter cannot serve pays for at most one losing step in 65.
 
 Batch 1 only: in a batch, rows would accept different numbers of tokens and leave the cache's right-aligned rows
 ragged (each row re-aligned per step, GPT-NeoX keys re-rotated), and a batch already shares each weight read among
@@ -28,6 +29,7 @@ its rows, which is the saving speculation buys. The engine speculates while one 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -39,7 +41,8 @@ from neodeploy.runtime.sequence import Delta, Sequence
 
 NGRAM = "ngram"
 MAX_TOKENS = 16
-MAX_REST = 64  # steps without speculation after repeated misses (doubling from 2)
+MAX_REST = 64  # plain steps between tries after repeated losing ones (doubling from 2)
+SMOOTHING = 0.3  # weight of the newest step in the tokens-per-second averages
 
 
 class NgramDrafter:
@@ -116,11 +119,17 @@ class Acceptance:
 class Speculator:
     """Runs speculative steps for whichever sequence decodes alone; one per decoding loop (not thread-safe)."""
 
-    def __init__(self, drafter, tokens: int):
-        self.drafter, self.tokens = drafter, tokens
+    def __init__(self, drafter, tokens: int, clock=time.perf_counter):
+        self.drafter, self.tokens, self.clock = drafter, tokens, clock
         self.stats = Acceptance()
-        self._rest = 0  # steps left without speculation
-        self._misses = 0  # drafts in a row with nothing accepted
+        self._rest = 0  # plain steps left before the next try
+        self._losses = 0  # losing tries in a row
+        self._plain: float | None = None  # tokens per second: plain steps, speculative steps (smoothed)
+        self._fast: float | None = None
+
+    def plain_step(self, seconds: float) -> None:
+        """The caller's plain decoding step of the sequence took `seconds` (one token)."""
+        self._plain = _smooth(self._plain, 1.0 / max(seconds, 1e-9))
 
     def step(self, batch: DecodeBatch, sequence: Sequence) -> tuple[list[Delta], int, int] | None:
         """One speculative step: (the deltas it produced, tokens drafted, tokens accepted), or None when it does not
@@ -131,6 +140,7 @@ class Speculator:
             return None
         if room < 1:
             return None
+        start = self.clock()
         draft = self.drafter.draft([*sequence.prompt_ids, *sequence.sampler.outputs], min(self.tokens, room))
         if not draft:
             return None
@@ -144,17 +154,24 @@ class Speculator:
             accepted += 1
         if delta.finish_reason is None:
             batch.rollback(len(draft) - accepted)  # the cache keeps the last token and the accepted drafts
-        self._adapt(accepted)
+        self._fast = _smooth(self._fast, len(deltas) / max(self.clock() - start, 1e-9))
+        self._adapt()
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
         return deltas, len(draft), accepted
 
-    def _adapt(self, accepted: int) -> None:
-        if accepted:
-            self._misses = 0
-            return
-        self._misses += 1
-        self._rest = min(MAX_REST, 2**self._misses)
+    def _adapt(self) -> None:
+        if self._plain is None:  # nothing to compare with yet: one plain step measures it
+            self._rest = 1
+        elif self._fast > self._plain:
+            self._losses = 0
+        else:
+            self._losses += 1
+            self._rest = min(MAX_REST, 2**self._losses)
+
+
+def _smooth(average: float | None, value: float) -> float:
+    return value if average is None else (1 - SMOOTHING) * average + SMOOTHING * value
 
 
 def check_tokens(tokens: int) -> int:

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, tiny_neo, tiny_neox
 from neodeploy.errors import UsageError
 from neodeploy.runtime import load
+from neodeploy.runtime.batch import DecodeBatch
 from neodeploy.runtime.check import run_engine_check
 from neodeploy.runtime.engine import Engine, EngineConfig, EngineObserver
 from neodeploy.runtime.sampling import SamplingParams
@@ -93,11 +94,16 @@ def test_a_draft_model_gives_plain_decodings_tokens(pair):
                 assert engine.generate(prompt, _params(i)).output_ids == want, (draft, i)
             stats = engine.speculator.stats
             assert stats.drafted > 0  # (random weights: the one-layer draft rarely agrees, and need not)
-            if draft == big:  # its own draft: a greedy request takes its drafts, except where the target picks one of
-                # the ids 257..319 (random weights in the embedding's padding rows), which a draft may never propose
-                before = stats.accepted
-                engine.generate(_repetitive_prompts(seed=4, count=1)[0], max_new_tokens=30)
-                assert stats.accepted > before
+            if draft == big:  # its own draft: a greedy step takes its drafts. The request bans ids 257..319 (the
+                # random embedding's padding rows), which a draft may never propose. One step, not the engine's
+                # clock-driven choice of when to try.
+                prompt = _repetitive_prompts(seed=4, count=1)[0]
+                banned = {i: -100.0 for i in range(257, 320)}
+                sequence = plain.sequence(prompt, SamplingParams(max_new_tokens=30, logit_bias=banned))
+                batch = DecodeBatch(plain.backend)
+                sequence.feed(batch.prefill([prompt], plain.pad_token_id, capacity=len(prompt) + 30)[0])
+                _, drafted, accepted = plain.speculation(str(big), tokens)().step(batch, sequence)
+                assert drafted == tokens and accepted >= tokens - 1  # (rounding may flip a near tie)
         finally:
             engine.close()
 
@@ -120,13 +126,18 @@ def test_a_draft_with_another_tokenizer_or_a_last_only_graph_is_refused(pair, ex
 
 
 class _Batch:
-    """A batch-1 stand-in whose verification returns the same scripted logits row at every position."""
+    """A batch-1 stand-in whose verification returns the same scripted logits row at every position, costing
+    `cost` seconds on a fake clock."""
 
-    def __init__(self, row):
-        self.row, self.calls, self.rolled = row, 0, 0
+    def __init__(self, row, cost=1.5):
+        self.row, self.cost, self.calls, self.rolled, self.now = row, cost, 0, 0, 0.0
+
+    def clock(self):
+        return self.now
 
     def verify(self, tokens):
         self.calls += 1
+        self.now += self.cost
         return np.tile(self.row, (len(tokens), 1))
 
     def rollback(self, count):
@@ -174,22 +185,41 @@ def test_the_rejection_rule_keeps_the_sampling_distribution():
     assert chi2 < 20.5  # 5 degrees of freedom: p = 0.001
 
 
+def _decode(speculator, batch, sequence, logits, steps=500, plain_seconds=1.0):
+    """The caller's loop: a speculative step where the speculator takes one, else a plain step it reports."""
+    for _ in range(steps):
+        if speculator.step(batch, sequence) is None:
+            sequence.feed(logits)
+            batch.now += plain_seconds
+            speculator.plain_step(plain_seconds)
+
+
 def test_a_drafter_that_is_never_right_rests_between_tries():
     logits = np.zeros(6, np.float32)
     logits[0] = 10.0  # greedy always picks 0; the drafter always says 5
-    params = SamplingParams(max_new_tokens=1000)
-    sequence, batch = _sequence(params), _Batch(logits)
-    speculator = Speculator(_Fixed([5, 5, 5, 5]), 4)
-    steps = 0
-    while steps < 500:
-        taken = speculator.step(batch, sequence)
-        if taken is None:
-            sequence.feed(logits)  # what the caller does: a plain step
-        steps += 1
-    # Tries at 0, 3, 8, 17, 34, 67, then every 65 steps: a wide call in 65 at most once it has settled.
-    assert batch.calls <= 6 + (500 - 67) // (MAX_REST + 1) + 1
+    batch = _Batch(logits)
+    speculator = Speculator(_Fixed([5, 5, 5, 5]), 4, clock=batch.clock)
+    _decode(speculator, batch, _sequence(SamplingParams(max_new_tokens=1000)), logits)
+    # One token in 1.5 s against 1 a second plainly: tries at 0, 2, 5, 10, 19, 36, 69, then one in 65 steps.
+    assert batch.calls <= 7 + (500 - 69) // (MAX_REST + 1) + 1
     assert batch.rolled == 4 * batch.calls  # every drafted token forgotten
     assert speculator.stats.accepted == 0 and speculator.stats.drafted == 4 * batch.calls
+
+
+def test_speculation_rests_when_it_accepts_too_little_for_its_cost_and_not_when_it_pays():
+    logits = np.zeros(6, np.float32)
+    logits[0] = 10.0
+    # One of four drafts taken (two tokens a step) but a step costs 2.5 plain steps (a costly draft model): it rests.
+    batch = _Batch(logits, cost=2.5)
+    speculator = Speculator(_Fixed([0, 5, 5, 5]), 4, clock=batch.clock)
+    _decode(speculator, batch, _sequence(SamplingParams(max_new_tokens=1000)), logits)
+    assert 0 < batch.calls <= 15 and speculator.stats.accepted == batch.calls
+    # Every draft taken (five tokens for 1.5 plain steps' time): it speculates on every step but the one that measures.
+    batch = _Batch(logits)
+    speculator = Speculator(_Fixed([0, 0, 0, 0]), 4, clock=batch.clock)
+    sequence = _sequence(SamplingParams(max_new_tokens=1000))
+    _decode(speculator, batch, sequence, logits, steps=100)
+    assert batch.calls >= 99 and speculator.stats.rate == 1.0
 
 
 def test_prompt_lookup_drafts_the_continuation_of_the_latest_longest_match():
