@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from neodeploy.runtime.manifest import Manifest
+    from neodeploy.core.manifest import Manifest
 
 SYSTEMS = ("neodeploy", "reference", "transformers", "optimum", "optimum-int8", "llama.cpp")
 DEFAULT_PEERS = ("reference", "transformers", "optimum")  # llama.cpp only when asked: it needs a GGUF
@@ -328,7 +328,7 @@ def graph_bytes_per_token(path: Path) -> int:
 def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: list[str] | None = None,
           batches: list[int] = (1,), prompt: int = 128, new_tokens: int = 64, repeat: int = 5,
           gguf: str | Path | None = None, threads: int | None = None, echo=print) -> dict:
-    from neodeploy.runtime.manifest import read_manifest, verify_files
+    from neodeploy.core.manifest import read_manifest, verify_files
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)

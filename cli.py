@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from neodeploy import __version__
-from neodeploy.errors import NeodeployError, UsageError
+from neodeploy.core.errors import NeodeployError, UsageError
 from neodeploy.export import memory as export_memory
-from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
-from neodeploy.runtime.tokenizer import chat_template_option
+from neodeploy.core.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
+from neodeploy.core.tokenizer import chat_template_option
 
 # Which extra brings which top-level module (pyproject.toml's optional dependencies).
 EXTRAS = {
@@ -102,7 +102,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _chat_template_row(manifest) -> str:
-    from neodeploy.runtime.tokenizer import chat_template_source
+    from neodeploy.core.tokenizer import chat_template_source
 
     source = chat_template_source(manifest.folder)
     return (f"yes ({source})" if source else
@@ -148,7 +148,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.preset is None):
         raise UsageError("give either a CHECKPOINT folder or --preset NAME")
     if args.checkpoint and (Path(args.checkpoint) / "neodeploy.json").is_file():  # an artifact: what its manifest knows
-        from neodeploy.runtime.manifest import read_manifest
+        from neodeploy.core.manifest import read_manifest
 
         manifest = read_manifest(args.checkpoint)
         spec = manifest.spec
@@ -196,7 +196,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 def _run_reference(checkpoint: Path, prompt: str | None, ids: list[int] | None, max_new_tokens: int, dtype: str) -> dict:
     from neodeploy.reference.checkpoint import load_checkpoint
     from neodeploy.reference.generate import greedy_generate
-    from neodeploy.runtime.tokenizer import Tokenizer
+    from neodeploy.core.tokenizer import Tokenizer
 
     start = time.perf_counter()
     model = load_checkpoint(checkpoint, dtype=dtype)
@@ -265,7 +265,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _size(text: str | None, flag: str) -> int | None:
-    from neodeploy.files import parse_size
+    from neodeploy.core.files import parse_size
 
     if text is None:
         return None
@@ -365,7 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"neodeploy serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
     from neodeploy.runtime.engine import EngineConfig
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.core.manifest import read_manifest
 
     from neodeploy.runtime.engine import parse_kv_budget
 
@@ -490,9 +490,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_lint(args: argparse.Namespace) -> int:
     from neodeploy.export.lint import lint, table
     from neodeploy.profiles import ProfileError, load_profile, shipped
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.core.manifest import read_manifest
 
-    from neodeploy.runtime.manifest import verify_files
+    from neodeploy.core.manifest import verify_files
 
     manifest = read_manifest(args.artifact)
     verify_files(manifest)  # a corrupt or truncated graph is one line, as in load
@@ -524,9 +524,9 @@ def _train_demo_model(checkpoint: Path, seconds: float, steps: int) -> dict:
     """A byte-level model trained for `seconds` on the stdlib's docstrings: the demo then shows words."""
     import shutil
 
-    from neodeploy.files import make_temp_dir, normalise_permissions, publish
+    from neodeploy.core.files import make_temp_dir, normalise_permissions, publish
     from neodeploy.reference import train as training
-    from neodeploy.runtime.tokenizer import Tokenizer, write_tokenizer_files
+    from neodeploy.core.tokenizer import Tokenizer, write_tokenizer_files
 
     spec = training.byte_model_spec()
     tmp = make_temp_dir(checkpoint, UsageError)
@@ -859,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
-        from neodeploy import progress
+        from neodeploy.core import progress
 
         progress.set_quiet(True)
     if getattr(args, "max_new_tokens", 1) is not None and getattr(args, "max_new_tokens", 1) < 1:
@@ -881,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except OSError as exc:  # the environment failed (disk full, permissions, a vanished file): one line, not a trace
-        from neodeploy.files import os_reason
+        from neodeploy.core.files import os_reason
 
         print(f"neodeploy: error: {os_reason(exc)}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.errors import UsageError
-from neodeploy.progress import live
+from neodeploy.core.errors import UsageError
+from neodeploy.core.progress import live
 from neodeploy.runtime.batch import DecodeBatch, position_ids
 from neodeploy.runtime.model import Model
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 
 from neodeploy.profiles import DeploymentProfile, trt_profiles
-from neodeploy.runtime.manifest import Manifest
+from neodeploy.core.manifest import Manifest
 
 OPS_FILE = "trt_onnx_ops.json"
 DTYPE_BINDINGS = {

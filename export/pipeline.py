@@ -9,14 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neodeploy import __version__
-from neodeploy.errors import ExportError, UsageError, VerificationError
+from neodeploy.core.errors import ExportError, UsageError, VerificationError
 from neodeploy.export import fuse, graph, memory, refcache, verify
-from neodeploy.progress import live
+from neodeploy.core.progress import live
 from neodeploy.export import quantize as quantization
-from neodeploy.reference.spec import MAX_POSITIONS, load_spec
-from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
-from neodeploy.runtime.manifest import write_manifest
-from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
+from neodeploy.core.spec import MAX_POSITIONS, load_spec
+from neodeploy.core.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
+from neodeploy.core.manifest import write_manifest
+from neodeploy.core.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
 PRECISIONS = ("fp32", "fp16")
 TARGETS = ("portable", "cpu")

@@ -24,7 +24,7 @@ from neodeploy.reference.layers import (
     split_heads,
 )
 from neodeploy.reference.fused import attention_bias, fused_attention
-from neodeploy.reference.spec import ModelSpec
+from neodeploy.core.spec import ModelSpec
 
 
 class SelfAttention(nn.Module):

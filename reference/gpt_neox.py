@@ -24,7 +24,7 @@ from neodeploy.reference.layers import (
     past_length,
 )
 from neodeploy.reference.fused import attention_bias, fused_attention, packed_rows
-from neodeploy.reference.spec import ModelSpec
+from neodeploy.core.spec import ModelSpec
 
 
 def rotary_cos_sin(spec: ModelSpec, position_ids: Tensor) -> tuple[Tensor, Tensor]:

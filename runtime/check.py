@@ -16,8 +16,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from neodeploy.errors import ArtifactError
-from neodeploy.runtime.manifest import verify_files
+from neodeploy.core.errors import ArtifactError
+from neodeploy.core.manifest import verify_files
 from neodeploy.runtime.batch import DecodeBatch
 from neodeploy.runtime.model import Model
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 CACHE_SIZE = 64  # compiled grammars kept per model (least recently used dropped first)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 def _pct(values: list[float], q: float) -> float:

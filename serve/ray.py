@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import UsageError, VerificationError
+from neodeploy.core.errors import UsageError, VerificationError
 from neodeploy.runtime.engine import EngineConfig
 from neodeploy.serve.app import ServeOptions
 

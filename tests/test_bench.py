@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_neox
 from neodeploy import bench as bench_module
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from conftest import tiny_neo, tiny_neox
-from neodeploy.errors import ExportError, UsageError, VerificationError
+from neodeploy.core.errors import ExportError, UsageError, VerificationError
 from neodeploy.export import export, verify
-from neodeploy.files import sha256
+from neodeploy.core.files import sha256
 
 CONFIGS = {
     "gpt_neo-window4": tiny_neo(),

@@ -16,7 +16,7 @@ from neodeploy.profiles import ProfileError, load_profile, shipped, trt_profiles
 
 
 def _shape(max_context=2048, layers=2):
-    from neodeploy.reference.spec import PRESETS
+    from neodeploy.core.spec import PRESETS
 
     return PRESETS["pythia-14m"].replace(num_heads=4, hidden_size=64, num_layers=layers, vocab_size=320), max_context
 
@@ -96,7 +96,7 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     import onnx
 
     from neodeploy.export.lint import check_op_types, lint
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.core.manifest import read_manifest
 
     bad = tmp_path / "bad"
     shutil.copytree(fp16_artifact, bad)
@@ -115,7 +115,7 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "does not match its sha256" in proc.stderr  # an edited graph is caught first
-    from neodeploy.files import sha256
+    from neodeploy.core.files import sha256
 
     manifest = json.loads((bad / "neodeploy.json").read_text())
     manifest["files"]["model.onnx"] = sha256(bad / "model.onnx")  # as if it had been exported so
@@ -129,7 +129,7 @@ def test_lint_and_check_follow_a_last_position_logits_export(exported):
     from neodeploy.export.lint import lint
     from neodeploy.runtime import load
     from neodeploy.runtime.check import run_check
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.core.manifest import read_manifest
 
     _, art = exported("trt-gpt_neox", tiny_neox(max_positions=2048), "fp16", logits="last")
     manifest = read_manifest(art)
@@ -189,7 +189,7 @@ def test_fp16_attention_scales_q_before_q_kT_for_tensorrt_fusion(fp16_artifact):
     keeps q·kᵀ in fp32."""
     import onnx
 
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.core.manifest import read_manifest
 
     spec = read_manifest(fp16_artifact).spec
     model = onnx.load(str(fp16_artifact / "model.onnx"), load_external_data=False)
@@ -324,7 +324,7 @@ class _FakeEngine:
 
 
 def test_engine_io_is_checked_against_the_contract_and_limits_come_from_its_profiles():
-    from neodeploy.errors import ArtifactError
+    from neodeploy.core.errors import ArtifactError
     from neodeploy.runtime.trt_backend import check_engine_io
 
     spec = tiny_neox()
@@ -351,7 +351,7 @@ def test_a_missing_cuda_runtime_is_one_line_saying_what_to_install(monkeypatch):
     pytest.importorskip("polygraphy")
     from polygraphy import cuda
 
-    from neodeploy.errors import UsageError
+    from neodeploy.core.errors import UsageError
     from neodeploy.runtime.trt_backend import cuda_runtime
 
     def missing():
@@ -366,9 +366,9 @@ def test_engine_is_streamed_hashed_and_published_with_the_old_artifact_kept(fp16
     import shutil
 
     import neodeploy.export.engine as engine_module
-    from neodeploy.errors import ArtifactError
-    from neodeploy.files import sha256
-    from neodeploy.runtime.manifest import read_manifest, read_verified
+    from neodeploy.core.errors import ArtifactError
+    from neodeploy.core.files import sha256
+    from neodeploy.core.manifest import read_manifest, read_verified
 
     art = tmp_path / "art"
     shutil.copytree(fp16_artifact, art)

@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import ArtifactError
-from neodeploy.files import sha256
+from neodeploy.core.errors import ArtifactError, ConfigError
+from neodeploy.core.files import sha256
+from neodeploy.core.spec import ModelSpec
 
 MANIFEST = "neodeploy.json"
 FORMAT = "neodeploy-artifact"
@@ -45,7 +46,7 @@ class OnnxGraph:
 class Manifest:
     folder: Path
     data: dict[str, Any]  # the JSON as read, for inspect and for writing an updated copy
-    spec: Any  # ModelSpec
+    spec: ModelSpec
     dtype: str
     quantization: dict[str, Any] | None
     max_context: int
@@ -94,9 +95,6 @@ class Manifest:
     def from_dict(cls, data: Any, folder: str | Path = ".") -> Manifest:
         """Every field the runtime, check, lint and the TensorRT backend read, by type and range: a hand-edited
         or truncated manifest is one ArtifactError naming the field, never a KeyError or TypeError later."""
-        from neodeploy.errors import ConfigError
-        from neodeploy.reference.spec import ModelSpec
-
         folder = Path(folder)
         path = folder / MANIFEST
         if not isinstance(data, dict) or data.get("format") != FORMAT:
