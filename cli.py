@@ -399,29 +399,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     try:
-        from neodeploy.serve import bench
+        from neodeploy.serve import throughput
     except ImportError as exc:
         raise UsageError(f"bench-serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
     concurrency = _int_list(args.concurrency)
-    report = bench.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
-                               args.prompt, args.new_tokens, not args.no_baseline, args.max_running,
-                               workload=args.workload, prefix_len=args.prefix)
-    print(bench.table(report))
+    report = throughput.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
+                                    args.prompt, args.new_tokens, not args.no_baseline, args.max_running,
+                                    workload=args.workload, prefix_len=args.prefix)
+    print(throughput.throughput_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        bench.plot(report, Path(args.plot))
+        throughput.plot(report, Path(args.plot))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from neodeploy.runtime import load
-    from neodeploy.runtime.check import run_check, table, write_junit, write_report
+    from neodeploy.runtime.check import check_table, run_check, write_junit, write_report
 
     model = load(args.artifact, backend=args.backend)
     results = run_check(model)
     print(f"check {args.artifact} ({model.backend.name}, {model.manifest.precision}) against golden.npz:")
-    print(table(results))
+    print(check_table(results))
     if args.report:
         write_report(Path(args.report), model, results)
     if args.junit:
@@ -433,7 +433,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from neodeploy.runtime import load
-    from neodeploy.validate import table, validate, write_report
+    from neodeploy.validate import validate, validate_table, write_report
 
     model = load(args.artifact, backend=args.backend)
     prompts = None
@@ -451,14 +451,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UsageError("--steps must be at least 1")
     report = validate(model, args.reference, prompts=prompts, steps=args.steps, layerwise=args.layerwise)
     print(f"validate {args.artifact} ({model.backend.name}, {report.precision}) against the reference {args.reference}:")
-    print(table(report))
+    print(validate_table(report))
     if args.report:
         write_report(Path(args.report), report)
     return 0 if report.passed else 1
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from neodeploy.export.engine import build_engine
+    from neodeploy.export.tensorrt import build_engine
 
     build_engine(args.artifact, args.profile, timing_cache=args.timing_cache, opt_level=args.opt_level,
                  workspace_gib=args.workspace)
@@ -473,13 +473,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from neodeploy.bench import bench, plot, table, write_json
+    from neodeploy.speed import bench, plot, speed_table, write_json
 
     compare = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else None
     report = bench(args.artifact, checkpoint=args.checkpoint, compare=compare, batches=_int_list(args.batch),
                    prompt=args.prompt, new_tokens=args.new_tokens, repeat=args.repeat, gguf=args.gguf,
                    threads=args.threads)
-    print(table(report))
+    print(speed_table(report))
     if args.json:
         write_json(Path(args.json), report)
     if args.plot:
@@ -488,7 +488,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    from neodeploy.export.lint import lint, table
+    from neodeploy.export.lint import lint, lint_table
     from neodeploy.profiles import ProfileError, load_profile, shipped
     from neodeploy.core.manifest import read_manifest
 
@@ -514,7 +514,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
             passed = False
             continue
         print(f"lint {args.artifact} ({manifest.precision}) for TensorRT, profile {profile.name!r} ({profile.description}):")
-        print(table(results))
+        print(lint_table(results))
         passed &= all(r.passed for r in results)
     print("lint passed" if passed else "lint FAILED")
     return 0 if passed else 1
@@ -551,8 +551,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from neodeploy.reference.checkpoint import make_checkpoint
     from neodeploy.runtime import load
     from neodeploy.runtime.check import run_check
-    from neodeploy.runtime.check import table as check_table
-    from neodeploy.validate import table as validate_table
+    from neodeploy.runtime.check import check_table
+    from neodeploy.validate import validate_table
     from neodeploy.validate import validate
 
     if args.train_seconds <= 0:

@@ -245,7 +245,7 @@ def _bind_artifact_weights(debug: Path, artifact_onnx: Path) -> None:
     onnx.save_model(ours, str(debug))
 
 
-def table(report: Report) -> str:
+def validate_table(report: Report) -> str:
     lines = [f"{'prompt':<24} {'tokens':>6} {'steps':>5} {'max|Δlogit|':>12} {'max rel':>9} {'top-1':>7} {'greedy prefix':>14}"]
     for r in report.prompts:
         label = r.prompt.replace("\n", "⏎")

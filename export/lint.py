@@ -169,6 +169,6 @@ def lint(artifact: Path, manifest: Manifest, profile: DeploymentProfile, run_pol
     return results
 
 
-def table(results: list[LintResult]) -> str:
+def lint_table(results: list[LintResult]) -> str:
     width = max(len(r.name) for r in results)
     return "\n".join(f"{r.name:<{width}}  {'ok  ' if r.passed else 'FAIL'}  {r.detail}" for r in results)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.core.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import fuse, graph, memory, refcache, verify
+from neodeploy.export import graph, memory, ort_fusion, refcache, verify
 from neodeploy.core.progress import live
 from neodeploy.export import quantize as quantization
 from neodeploy.core.spec import MAX_POSITIONS, load_spec
@@ -170,7 +170,7 @@ def export(
         fused = None
         if cpu:
             with progress.stage("fuse", "onnxruntime transformer optimizer (CPU target)"):
-                fused = graph.in_subprocess(fuse.fuse, onnx_path, spec)
+                fused = graph.in_subprocess(ort_fusion.fuse, onnx_path, spec)
                 echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in fused.items()) or 'nothing'}")
                 if not in_place:
                     echo("      attention stays unfused: the fused CPU attention is fp32 "
@@ -189,7 +189,7 @@ def export(
                     results.append(verify.compare(decoder, case, gate))
                     bar.update()
             del decoder
-            echo(verify.table(results, gate))
+            echo(verify.verification_table(results, gate))
             if not all(r.passed for r in results):
                 failed = next(r for r in results if not r.passed)
                 raise VerificationError(

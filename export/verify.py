@@ -193,7 +193,7 @@ def compare(decoder: OnnxDecoder, case: Case, precision: str) -> CaseResult:
     return result
 
 
-def table(results: list[CaseResult], precision: str) -> str:
+def verification_table(results: list[CaseResult], precision: str) -> str:
     lines = [
         f"{'case':<10} {'batch':>5} {'prompt':>9} {'max|Δlogit|':>12} {'scale':>8} {'rel':>9} {'bound':>7} "
         f"{'greedy':>8}  result"

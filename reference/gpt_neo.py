@@ -23,7 +23,7 @@ from neodeploy.reference.layers import (
     past_length,
     split_heads,
 )
-from neodeploy.reference.fused import attention_bias, fused_attention
+from neodeploy.reference.attention_op import attention_bias, fused_attention
 from neodeploy.core.spec import ModelSpec
 
 

@@ -23,7 +23,7 @@ from neodeploy.reference.layers import (
     merge_heads,
     past_length,
 )
-from neodeploy.reference.fused import attention_bias, fused_attention, packed_rows
+from neodeploy.reference.attention_op import attention_bias, fused_attention, packed_rows
 from neodeploy.core.spec import ModelSpec
 
 

@@ -140,7 +140,7 @@ def run_engine_check(model: Model, engine) -> list[str]:
     return failures
 
 
-def table(results: list[CheckResult]) -> str:
+def check_table(results: list[CheckResult]) -> str:
     lines = [f"{'case':<10} {'batch':>5} {'max|Δlogit|':>12} {'scale':>8} {'bound':>10} {'greedy':>8}  result"]
     for r in results:
         if r.skipped:

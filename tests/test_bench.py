@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import tiny_neox
-from neodeploy import bench as bench_module
+from neodeploy import speed as bench_module
 from neodeploy.core.errors import UsageError
 
 
@@ -57,7 +57,7 @@ def test_bench_report_schema_and_skips(pair, monkeypatch, tmp_path):
     assert peers["reference"] == peers["transformers"] == bench_module.checkpoint_bytes_per_token(spec) == expected
     bench_module.plot(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = bench_module.table(report)
+    text = bench_module.speed_table(report)
     assert "neodeploy vs reference, batch 2" in text and "skipped optimum" in text
 
 

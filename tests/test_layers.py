@@ -7,7 +7,7 @@
     reference  core                         (PyTorch)
     profiles   core
     export     core, reference, runtime, profiles
-    cli, validate, bench, __main__: anything
+    cli, validate, speed, __main__: anything
 
 The top-level package itself (`from neodeploy import __version__`) holds only the version and core's errors, and
 every module may import it.
@@ -31,7 +31,7 @@ ALLOWED = {
     "profiles": {"core", "profiles"},
     "export": {"core", "reference", "runtime", "profiles", "export"},
 }
-ANYTHING = {"cli", "validate", "bench", "__main__"}
+ANYTHING = {"cli", "validate", "speed", "__main__"}
 ROOT_NAMES = {"__version__"}  # names of the top-level package itself, not of a sub-package
 
 

@@ -463,7 +463,7 @@ def test_check_beside_a_generation_holds_an_exclusive_backends_lock(pair):
 
 
 def test_check_skips_cases_outside_an_engine_profile(pair):
-    from neodeploy.runtime.check import run_check, table
+    from neodeploy.runtime.check import check_table, run_check
 
     _, art = pair
     model = load(art)
@@ -471,4 +471,4 @@ def test_check_skips_cases_outside_an_engine_profile(pair):
     results = {r.case: r for r in run_check(model)}
     assert results["long"].skipped and "prompt" in results["long"].skipped
     assert results["short"].skipped is None and all(r.passed for r in results.values())
-    assert "skipped: outside the engine's profile" in table(list(results.values()))
+    assert "skipped: outside the engine's profile" in check_table(list(results.values()))

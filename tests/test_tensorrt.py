@@ -365,7 +365,7 @@ def test_a_missing_cuda_runtime_is_one_line_saying_what_to_install(monkeypatch):
 def test_engine_is_streamed_hashed_and_published_with_the_old_artifact_kept(fp16_artifact, tmp_path, monkeypatch):
     import shutil
 
-    import neodeploy.export.engine as engine_module
+    import neodeploy.export.tensorrt as tensorrt_module
     from neodeploy.core.errors import ArtifactError
     from neodeploy.core.files import sha256
     from neodeploy.core.manifest import read_manifest, read_verified
@@ -376,9 +376,9 @@ def test_engine_is_streamed_hashed_and_published_with_the_old_artifact_kept(fp16
     payload = bytes(range(256)) * 4099  # not a multiple of the chunk: the tail is written too
     info = {"file": "model.engine", "tensorrt_version": "10.15.1", "gpu": {"name": "test", "compute_capability": "9.0"},
             "build_seconds": 1.0}
-    size, digest = engine_module._write_engine(memoryview(payload), tmp_path / "direct.engine", chunk=1000)
+    size, digest = tensorrt_module._write_engine(memoryview(payload), tmp_path / "direct.engine", chunk=1000)
     assert size == len(payload) and digest == sha256(tmp_path / "direct.engine")
-    engine_module.publish_engine(read_manifest(art), memoryview(payload), info, echo=lambda s: None)
+    tensorrt_module.publish_engine(read_manifest(art), memoryview(payload), info, echo=lambda s: None)
     manifest = read_manifest(art)
     assert manifest.engine["sha256"] == manifest.files["model.engine"] == digest
     assert bytes(read_verified(manifest, "model.engine")) == payload
@@ -391,9 +391,9 @@ def test_engine_is_streamed_hashed_and_published_with_the_old_artifact_kept(fp16
     def full(mem, path, chunk=0):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(engine_module, "_write_engine", full)
+    monkeypatch.setattr(tensorrt_module, "_write_engine", full)
     with pytest.raises(ArtifactError, match="No space left on device.*unchanged"):
-        engine_module.publish_engine(read_manifest(art), memoryview(b"x"), info, echo=lambda s: None)
+        tensorrt_module.publish_engine(read_manifest(art), memoryview(b"x"), info, echo=lambda s: None)
     assert {p.name: sha256(p) for p in art.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "direct.engine"]
     (art / "model.engine").write_bytes(payload[:-1])

@@ -439,7 +439,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     }
 
 
-def table(report: dict) -> str:
+def speed_table(report: dict) -> str:
     lines = [f"{'system':<13} {'batch':>5} {'prefill ms':>18} {'decode ms/token':>20} {'tok/s':>8} {'x roof':>8} "
              f"{'MB/token':>8} {'mem MB':>8}"]
     for s in report["results"]:
