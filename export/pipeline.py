@@ -10,13 +10,14 @@ from pathlib import Path
 
 from neodeploy import __version__
 from neodeploy.core.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import graph, memory, ort_fusion, refcache, verify
-from neodeploy.core.progress import live
-from neodeploy.export import quantize as quantization
-from neodeploy.core.spec import MAX_POSITIONS, load_spec
-from neodeploy.core.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
+from neodeploy.core.files import check_destination, is_write_failure, make_temp_dir, normalise_permissions, publish, write_failed
 from neodeploy.core.manifest import write_manifest
+from neodeploy.core.progress import live
+from neodeploy.core.spec import MAX_POSITIONS, load_spec
 from neodeploy.core.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
+from neodeploy.core.tolerances import TOLERANCES
+from neodeploy.export import graph, memory, ort_fusion, refcache, verify
+from neodeploy.export import quantize as quantization
 
 PRECISIONS = ("fp32", "fp16")
 TARGETS = ("portable", "cpu")
@@ -259,7 +260,7 @@ def _manifest(spec, checkpoint, precision, gate, opset, max_context, tokenizer, 
             "bos_token_id": tokenizer.bos_token_id,
         },
         "verification": {
-            "tolerance_relative": verify.TOLERANCE[gate],
+            "tolerance_relative": TOLERANCES[gate].max_rel_error,
             "decode_steps": verify.DECODE_STEPS,
             "cases": [
                 {"name": r.name, "batch": r.batch, "prompt_lengths": r.prompt_lengths,

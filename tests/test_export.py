@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import torch
 
 from conftest import tiny_neo, tiny_neox
 from neodeploy.core.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import export, verify
 from neodeploy.core.files import sha256
+from neodeploy.core.tolerances import TOLERANCES
+from neodeploy.export import export, verify
 
 CONFIGS = {
     "gpt_neo-window4": tiny_neo(),
@@ -169,7 +171,7 @@ def test_optimum_loads_the_folder_and_greedy_matches(artifacts, key):
 
 def test_verification_failure_publishes_nothing(artifacts, tmp_path, monkeypatch):
     ckpt, _ = artifacts[("gpt_neox-rotary0.25-parallel", "fp32")]
-    monkeypatch.setitem(verify.TOLERANCE, "fp32", 0.0)
+    monkeypatch.setitem(TOLERANCES, "fp32", dataclasses.replace(TOLERANCES["fp32"], max_rel_error=0.0))
     with pytest.raises(VerificationError, match="verification failed on case 'short'"):
         export(ckpt, tmp_path / "out", echo=lambda s: None)
     assert list(tmp_path.iterdir()) == []
