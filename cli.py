@@ -364,16 +364,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from neodeploy.serve import ServeOptions, run
     except ImportError as exc:
         raise UsageError(f"neodeploy serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
-    from neodeploy.runtime.engine import EngineConfig
     from neodeploy.core.manifest import read_manifest
-
-    from neodeploy.runtime.engine import parse_kv_budget
+    from neodeploy.runtime.engine import EngineConfig, parse_kv_budget
 
     manifest = read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
-    parse_kv_budget(args.kv_budget, manifest)
+    # Parsed once, here, into tokens (a bad size fails before the server starts); the engine takes the count.
+    kv_budget = parse_kv_budget(args.kv_budget, manifest)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
+    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
                           prefix_cache=0 if args.no_prefix_cache else args.prefix_cache)
     api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
