@@ -113,7 +113,7 @@ def _artifact_rows(manifest) -> list[tuple[str, str]]:
     onnx, quant, data = manifest.onnx, manifest.quantization, manifest.data
     size = sum((manifest.folder / n).stat().st_size for n in manifest.files if (manifest.folder / n).is_file())
     rows = [("dtype", manifest.dtype),
-            ("quantisation", f"{quant['method']} ({quant.get('ops', '')})" if quant else "none"),
+            ("quantisation", f"{quant.method} ({quant.ops or ''})" if quant else "none"),
             ("target", onnx.target),
             ("KV cache", onnx.kv_cache + (f", rotary in the {onnx.rotary}" if onnx.kv_cache == "in-place" else "")),
             ("logits", "last position" if onnx.logits == "last" else "all positions"),

@@ -43,12 +43,19 @@ class OnnxGraph:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quantization:
+    method: str  # int8 | int4
+    ops: str | None  # what the quantiser rewrote, e.g. "MatMul -> MatMulNBits"
+    data: dict[str, Any]  # the section as written (block size, head bits, counts), for writing an updated copy
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     folder: Path
     data: dict[str, Any]  # the JSON as read, for inspect and for writing an updated copy
     spec: ModelSpec
     dtype: str
-    quantization: dict[str, Any] | None
+    quantization: Quantization | None
     max_context: int
     onnx: OnnxGraph
     files: dict[str, str]
@@ -58,7 +65,7 @@ class Manifest:
     @property
     def precision(self) -> str:
         """The label users see and the verification gate that applies: the quantisation if any, else the dtype."""
-        return self.quantization["method"] if self.quantization else self.dtype
+        return self.quantization.method if self.quantization else self.dtype
 
     @property
     def kv_bytes(self) -> int:
@@ -88,7 +95,7 @@ class Manifest:
         fields = {k: v for k, v in self.data.items() if k not in _NOT_FIELDS}
         fields["dtype"] = self.dtype
         if self.quantization:
-            fields["quantization"] = self.quantization
+            fields["quantization"] = self.quantization.data
         return fields
 
     @classmethod
@@ -180,7 +187,10 @@ class Manifest:
             for key in ("file", "sha256", "tensorrt_version"):
                 want(engine, key, str, "a string", "engine.")
         want(data, "verification", dict, "an object", default=None)
-        return cls(folder, data, spec, dtype, quantization, max_context,
+        ops = quantization.get("ops") if quantization is not None else None
+        quant = None if quantization is None else Quantization(quantization["method"],
+                                                               ops if isinstance(ops, str) else None, quantization)
+        return cls(folder, data, spec, dtype, quant, max_context,
                    OnnxGraph(names["file"], names["external_data"], opset, target, logits, kv_cache, rotary, fused),
                    files, tokenizer, engine)
 
