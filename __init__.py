@@ -7,7 +7,7 @@ onnxruntime + tokenizers).
 
 __version__ = "0.1.0"
 
-from neodeploy.errors import (  # noqa: E402
+from neodeploy.core.errors import (  # noqa: E402
     ArtifactError,
     CheckpointError,
     ConfigError,

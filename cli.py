@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from neodeploy import __version__
+from neodeploy.core.errors import NeodeployError, UsageError
 from neodeploy.demo import DemoOptions, run_demo
-from neodeploy.errors import NeodeployError, UsageError
 from neodeploy.export import memory as export_memory
-from neodeploy.reference.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
-from neodeploy.runtime.tokenizer import chat_template_option
+from neodeploy.core.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
+from neodeploy.core.tokenizer import chat_template_option
 
 # Which extra brings which top-level module (pyproject.toml's optional dependencies).
 EXTRAS = {
@@ -101,7 +101,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _chat_template_row(manifest) -> str:
-    from neodeploy.runtime.tokenizer import chat_template_source
+    from neodeploy.core.tokenizer import chat_template_source
 
     source = chat_template_source(manifest.folder)
     return (f"yes ({source})" if source else
@@ -112,7 +112,7 @@ def _artifact_rows(manifest) -> list[tuple[str, str]]:
     onnx, quant, data = manifest.onnx, manifest.quantization, manifest.data
     size = sum((manifest.folder / n).stat().st_size for n in manifest.files if (manifest.folder / n).is_file())
     rows = [("dtype", manifest.dtype),
-            ("quantisation", f"{quant['method']} ({quant.get('ops', '')})" if quant else "none"),
+            ("quantisation", f"{quant.method} ({quant.ops or ''})" if quant else "none"),
             ("target", onnx.target),
             ("KV cache", onnx.kv_cache + (f", rotary in the {onnx.rotary}" if onnx.kv_cache == "in-place" else "")),
             ("logits", {"last": "last position", "tail": "last position (last n on request)"}.get(onnx.logits, "all positions")),
@@ -147,7 +147,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if (args.checkpoint is None) == (args.preset is None):
         raise UsageError("give either a CHECKPOINT folder or --preset NAME")
     if args.checkpoint and (Path(args.checkpoint) / "neodeploy.json").is_file():  # an artifact: what its manifest knows
-        from neodeploy.runtime.manifest import read_manifest
+        from neodeploy.core.manifest import read_manifest
 
         manifest = read_manifest(args.checkpoint)
         spec = manifest.spec
@@ -195,7 +195,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> int:
 def _run_reference(checkpoint: Path, prompt: str | None, ids: list[int] | None, max_new_tokens: int, dtype: str) -> dict:
     from neodeploy.reference.checkpoint import load_checkpoint
     from neodeploy.reference.generate import greedy_generate
-    from neodeploy.runtime.tokenizer import Tokenizer
+    from neodeploy.core.tokenizer import Tokenizer
 
     start = time.perf_counter()
     model = load_checkpoint(checkpoint, dtype=dtype)
@@ -264,7 +264,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _size(text: str | None, flag: str) -> int | None:
-    from neodeploy.files import parse_size
+    from neodeploy.core.files import parse_size
 
     if text is None:
         return None
@@ -374,16 +374,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from neodeploy.serve import ServeOptions, run
     except ImportError as exc:
         raise UsageError(f"neodeploy serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
-    from neodeploy.runtime.engine import EngineConfig
-    from neodeploy.runtime.manifest import read_manifest
-
-    from neodeploy.runtime.engine import parse_kv_budget
+    from neodeploy.core.manifest import read_manifest
+    from neodeploy.runtime.engine import EngineConfig, parse_kv_budget
 
     manifest = read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
-    parse_kv_budget(args.kv_budget, manifest)
+    # Parsed once, here, into tokens (a bad size fails before the server starts); the engine takes the count.
+    kv_budget = parse_kv_budget(args.kv_budget, manifest)
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=args.kv_budget,
+    config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
                           prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
                           speculate=_draft_option(args.speculate, args.ray), speculate_tokens=args.speculate_tokens)
@@ -410,29 +409,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     try:
-        from neodeploy.serve import bench
+        from neodeploy.serve import throughput
     except ImportError as exc:
         raise UsageError(f"bench-serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
     concurrency = _int_list(args.concurrency)
-    report = bench.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
-                               args.prompt, args.new_tokens, not args.no_baseline, args.max_running,
-                               workload=args.workload, prefix_len=args.prefix)
-    print(bench.table(report))
+    report = throughput.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
+                                    args.prompt, args.new_tokens, not args.no_baseline, args.max_running,
+                                    workload=args.workload, prefix_len=args.prefix)
+    print(throughput.throughput_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
-        bench.plot(report, Path(args.plot))
+        throughput.plot(report, Path(args.plot))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from neodeploy.runtime import load
-    from neodeploy.runtime.check import run_check, table, write_junit, write_report
+    from neodeploy.runtime.check import check_table, run_check, write_junit, write_report
 
     model = load(args.artifact, backend=args.backend)
     results = run_check(model)
     print(f"check {args.artifact} ({model.backend.name}, {model.manifest.precision}) against golden.npz:")
-    print(table(results))
+    print(check_table(results))
     if args.report:
         write_report(Path(args.report), model, results)
     if args.junit:
@@ -444,7 +443,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from neodeploy.runtime import load
-    from neodeploy.validate import table, validate, write_report
+    from neodeploy.validate import validate, validate_table, write_report
 
     model = load(args.artifact, backend=args.backend)
     prompts = None
@@ -462,14 +461,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise UsageError("--steps must be at least 1")
     report = validate(model, args.reference, prompts=prompts, steps=args.steps, layerwise=args.layerwise)
     print(f"validate {args.artifact} ({model.backend.name}, {report.precision}) against the reference {args.reference}:")
-    print(table(report))
+    print(validate_table(report))
     if args.report:
         write_report(Path(args.report), report)
     return 0 if report.passed else 1
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from neodeploy.export.engine import build_engine
+    from neodeploy.export.tensorrt import build_engine
 
     build_engine(args.artifact, args.profile, timing_cache=args.timing_cache, opt_level=args.opt_level,
                  workspace_gib=args.workspace)
@@ -484,13 +483,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from neodeploy.bench import bench, plot, table, write_json
+    from neodeploy.speed import bench, plot, speed_table, write_json
 
     compare = [s.strip() for s in args.compare.split(",") if s.strip()] if args.compare is not None else None
     report = bench(args.artifact, checkpoint=args.checkpoint, compare=compare, batches=_int_list(args.batch),
                    prompt=args.prompt, new_tokens=args.new_tokens, repeat=args.repeat, gguf=args.gguf,
                    threads=args.threads)
-    print(table(report))
+    print(speed_table(report))
     if args.json:
         write_json(Path(args.json), report)
     if args.plot:
@@ -499,11 +498,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    from neodeploy.export.lint import lint, table
+    from neodeploy.export.lint import lint, lint_table
     from neodeploy.profiles import ProfileError, load_profile, shipped
-    from neodeploy.runtime.manifest import read_manifest
+    from neodeploy.core.manifest import read_manifest
 
-    from neodeploy.runtime.manifest import verify_files
+    from neodeploy.core.manifest import verify_files
 
     manifest = read_manifest(args.artifact)
     verify_files(manifest)  # a corrupt or truncated graph is one line, as in load
@@ -525,7 +524,7 @@ def cmd_lint(args: argparse.Namespace) -> int:
             passed = False
             continue
         print(f"lint {args.artifact} ({manifest.precision}) for TensorRT, profile {profile.name!r} ({profile.description}):")
-        print(table(results))
+        print(lint_table(results))
         passed &= all(r.passed for r in results)
     print("lint passed" if passed else "lint FAILED")
     return 0 if passed else 1
@@ -798,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
-        from neodeploy import progress
+        from neodeploy.core import progress
 
         progress.set_quiet(True)
     if getattr(args, "max_new_tokens", 1) is not None and getattr(args, "max_new_tokens", 1) < 1:
@@ -820,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except OSError as exc:  # the environment failed (disk full, permissions, a vanished file): one line, not a trace
-        from neodeploy.files import os_reason
+        from neodeploy.core.files import os_reason
 
         print(f"neodeploy: error: {os_reason(exc)}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from neodeploy.errors import UsageError
-from neodeploy.reference.spec import human_count, preset
+from neodeploy.core.errors import UsageError
+from neodeploy.core.spec import human_count, preset
 
 DEFAULT_PROMPT = "Return the"
 # Enough for words, measured by steps (not seconds, so the model does not depend on the machine's speed): greedy from
@@ -60,9 +60,9 @@ def train_demo_model(checkpoint: Path, steps: int = TRAIN_STEPS, seconds: float 
     `checkpoint` (weights, config.json, training.json, the byte tokenizer). Returns the training stats."""
     import torch
 
-    from neodeploy.files import make_temp_dir, normalise_permissions, publish
+    from neodeploy.core.files import make_temp_dir, normalise_permissions, publish
     from neodeploy.reference import train as training
-    from neodeploy.runtime.tokenizer import Tokenizer, write_tokenizer_files
+    from neodeploy.core.tokenizer import Tokenizer, write_tokenizer_files
 
     spec = training.byte_model_spec()
     tmp = make_temp_dir(checkpoint, UsageError)
@@ -89,8 +89,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> bool:
     from neodeploy.reference.checkpoint import make_checkpoint
     from neodeploy.runtime import load
     from neodeploy.runtime.check import run_check
-    from neodeploy.runtime.check import table as check_table
-    from neodeploy.validate import table as validate_table
+    from neodeploy.runtime.check import check_table
+    from neodeploy.validate import validate_table
     from neodeploy.validate import validate
 
     keep = options.workdir is not None

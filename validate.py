@@ -1,9 +1,8 @@
 """`neodeploy validate`: the runtime and the PyTorch reference side by side on prompts, with per-step errors,
 top-1 agreement, the identical greedy prefix and perplexity; `--layerwise` finds the first block that drifts.
 
-Gates (per precision, relative errors are max |Δlogit| over max |reference logit| at that step):
-fp32: max relative error <= 1e-3, top-1 agreement >= 99 %, |perplexity ratio - 1| <= 1e-3;
-fp16: max relative error <= 3e-2, top-1 agreement >= 95 %, |perplexity ratio - 1| <= 2e-2.
+Gates: neodeploy.core.tolerances, per precision (relative errors are max |Δlogit| over max |reference logit| at
+that step). The first prompt is the export's golden short prompt.
 """
 
 from __future__ import annotations
@@ -16,19 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.errors import UsageError
-from neodeploy.progress import live
+from neodeploy.core.errors import UsageError
+from neodeploy.core.progress import live
+from neodeploy.core.tolerances import TOLERANCES, Tolerance
+from neodeploy.export.verify import SHORT_TEXT
 from neodeploy.runtime.batch import DecodeBatch, position_ids
 from neodeploy.runtime.model import Model
 
-TOLERANCES = {
-    "fp32": {"max_rel_error": 1e-3, "top1_agreement": 0.99, "ppl_ratio": 1e-3},
-    "fp16": {"max_rel_error": 3e-2, "top1_agreement": 0.95, "ppl_ratio": 2e-2},
-    "int8": {"max_rel_error": 0.15, "top1_agreement": 0.90, "ppl_ratio": 0.05},
-    "int4": {"max_rel_error": 0.30, "top1_agreement": 0.80, "ppl_ratio": 0.15},
-}
 DEFAULT_PROMPTS = (
-    "The quick brown fox jumps over the lazy dog.",
+    SHORT_TEXT,
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "Once upon a time",
 )
@@ -56,7 +51,7 @@ class Report:
     artifact: str
     reference: str
     precision: str
-    tolerances: dict
+    tolerances: Tolerance
     prompts: list[PromptReport]
     perplexity: dict
     layerwise: dict | None = None
@@ -149,14 +144,14 @@ def _finish(model: Model, reference, checkpoint, prompts, reports, precision, to
     report = Report(str(model.artifact), str(checkpoint), precision, tol, reports, ppl)
     worst = max(r.max_rel_error for r in reports)
     agreement = float(np.mean([s["top1"] for r in reports for s in r.steps]))
-    if not worst <= tol["max_rel_error"]:
-        report.failures.append(f"max relative logit error {worst:.3g} > {tol['max_rel_error']:g}")
-    if agreement < tol["top1_agreement"]:
-        report.failures.append(f"top-1 agreement {agreement:.1%} < {tol['top1_agreement']:.0%}")
-    if not abs(ppl["ratio"] - 1) <= tol["ppl_ratio"]:
-        report.failures.append(f"perplexity ratio {ppl['ratio']:.5f} is off 1 by more than {tol['ppl_ratio']:g}")
+    if not worst <= tol.max_rel_error:
+        report.failures.append(f"max relative logit error {worst:.3g} > {tol.max_rel_error:g}")
+    if agreement < tol.top1_agreement:
+        report.failures.append(f"top-1 agreement {agreement:.1%} < {tol.top1_agreement:.0%}")
+    if not abs(ppl["ratio"] - 1) <= tol.ppl_ratio:
+        report.failures.append(f"perplexity ratio {ppl['ratio']:.5f} is off 1 by more than {tol.ppl_ratio:g}")
     if layerwise:
-        report.layerwise = _layerwise(model, reference, checkpoint, model.encode(prompts[0]), tol["max_rel_error"], echo)
+        report.layerwise = _layerwise(model, reference, checkpoint, model.encode(prompts[0]), tol.max_rel_error, echo)
     return report
 
 
@@ -245,7 +240,7 @@ def _bind_artifact_weights(debug: Path, artifact_onnx: Path) -> None:
     onnx.save_model(ours, str(debug))
 
 
-def table(report: Report) -> str:
+def validate_table(report: Report) -> str:
     lines = [f"{'prompt':<24} {'tokens':>6} {'steps':>5} {'max|Δlogit|':>12} {'max rel':>9} {'top-1':>7} {'greedy prefix':>14}"]
     for r in report.prompts:
         label = r.prompt.replace("\n", "⏎")
@@ -268,8 +263,8 @@ def table(report: Report) -> str:
         lines.append(f"layerwise relative error of hidden states: {errors}")
         lines.append("first block beyond tolerance: " + ("none" if first is None else lw["labels"][first]))
     t = report.tolerances
-    lines.append(f"gates ({report.precision}): max rel <= {t['max_rel_error']:g}, top-1 >= {t['top1_agreement']:.0%}, "
-                 f"|ppl ratio - 1| <= {t['ppl_ratio']:g}")
+    lines.append(f"gates ({report.precision}): max rel <= {t.max_rel_error:g}, top-1 >= {t.top1_agreement:.0%}, "
+                 f"|ppl ratio - 1| <= {t.ppl_ratio:g}")
     lines.append("validate passed" if report.passed else "validate FAILED: " + "; ".join(report.failures))
     return "\n".join(lines)
 

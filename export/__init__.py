@@ -1,4 +1,5 @@
-"""ONNX export with KV-cache I/O (see DESIGN.md, "ONNX graph" and "Artifact folder").
+"""ONNX export with KV-cache I/O. The graph's inputs and outputs are named by `graph.input_names` /
+`graph.output_names`; the artifact folder it writes is described by its manifest (`neodeploy.core.manifest`).
 
 `export` is imported on first use: the TensorRT and lint modules of this package must not pull in torch.
 """

@@ -1,4 +1,4 @@
-"""ONNX translation of neodeploy::attention (reference/fused.py) to com.microsoft.GroupQueryAttention.
+"""ONNX translation of neodeploy::attention (reference/attention_op.py) to com.microsoft.GroupQueryAttention.
 
 onnx ships no schema for onnxruntime's contrib ops and the exporter needs one to build a node, so the subset of
 GroupQueryAttention's signature we use is declared here. GroupQueryAttention gives the CPU target two things the
@@ -74,7 +74,7 @@ def _attention_by_lengths(q, k, v, past_k, past_v, attention_mask, cos_cache, si
 
 
 def translation_table() -> dict:
-    from neodeploy.reference.fused import fused_attention  # importing it registers torch.ops.neodeploy.attention
+    from neodeploy.reference.attention_op import fused_attention  # importing it registers torch.ops.neodeploy.attention
     from neodeploy.reference.lengths import attention_by_lengths  # and neodeploy.attention_by_lengths
 
     return {fused_attention._opoverload: _attention, attention_by_lengths._opoverload: _attention_by_lengths}

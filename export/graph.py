@@ -19,8 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-from neodeploy.errors import UsageError
-from neodeploy.reference.spec import ModelSpec
+from neodeploy.core.errors import UsageError
+from neodeploy.core.spec import ModelSpec
 
 DEFAULT_OPSET = 18
 SUPPORTED_OPSETS = range(17, 22)

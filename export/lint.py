@@ -23,7 +23,7 @@ from pathlib import Path
 import onnx
 
 from neodeploy.profiles import DeploymentProfile, trt_profiles
-from neodeploy.runtime.manifest import Manifest
+from neodeploy.core.manifest import Manifest
 
 OPS_FILE = "trt_onnx_ops.json"
 DTYPE_BINDINGS = {
@@ -169,6 +169,6 @@ def lint(artifact: Path, manifest: Manifest, profile: DeploymentProfile, run_pol
     return results
 
 
-def table(results: list[LintResult]) -> str:
+def lint_table(results: list[LintResult]) -> str:
     width = max(len(r.name) for r in results)
     return "\n".join(f"{r.name:<{width}}  {'ok  ' if r.passed else 'FAIL'}  {r.detail}" for r in results)

@@ -9,14 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from neodeploy import __version__
-from neodeploy.errors import ExportError, UsageError, VerificationError
-from neodeploy.export import cuda as cuda_graph, fuse, graph, memory, refcache, verify
-from neodeploy.progress import live
+from neodeploy.core.errors import ExportError, UsageError, VerificationError
+from neodeploy.core.files import check_destination, is_write_failure, make_temp_dir, normalise_permissions, publish, write_failed
+from neodeploy.core.manifest import write_manifest
+from neodeploy.core.progress import live
+from neodeploy.core.spec import MAX_POSITIONS, load_spec
+from neodeploy.core.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
+from neodeploy.core.tolerances import TOLERANCES
+from neodeploy.export import cuda as cuda_graph, graph, memory, ort_fusion, refcache, verify
 from neodeploy.export import quantize as quantization
-from neodeploy.reference.spec import MAX_POSITIONS, load_spec
-from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
-from neodeploy.runtime.manifest import write_manifest
-from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
 PRECISIONS = ("fp32", "fp16")
 TARGETS = ("portable", "cpu", "cuda")
@@ -176,7 +177,7 @@ def export(
         fused = None
         if cpu:
             with progress.stage("fuse", "onnxruntime transformer optimizer (CPU target)"):
-                fused = graph.in_subprocess(fuse.fuse, onnx_path, spec)
+                fused = graph.in_subprocess(ort_fusion.fuse, onnx_path, spec)
                 echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in fused.items()) or 'nothing'}")
                 if not in_place:
                     echo("      attention stays unfused: the fused CPU attention is fp32 "
@@ -200,7 +201,7 @@ def export(
                     results.append(verify.compare(decoder, case, gate, aligned=cuda))
                     bar.update()
             del decoder
-            echo(verify.table(results, gate))
+            echo(verify.verification_table(results, gate))
             if not all(r.passed for r in results):
                 failed = next(r for r in results if not r.passed)
                 raise VerificationError(
@@ -274,7 +275,7 @@ def _manifest(spec, checkpoint, precision, gate, opset, max_context, tokenizer, 
             "bos_token_id": tokenizer.bos_token_id,
         },
         "verification": {
-            "tolerance_relative": verify.TOLERANCE[gate],
+            "tolerance_relative": TOLERANCES[gate].max_rel_error,
             "decode_steps": verify.DECODE_STEPS,
             "cases": [
                 {"name": r.name, "batch": r.batch, "prompt_lengths": r.prompt_lengths,

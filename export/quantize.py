@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, set_aside, working_folder
 
 METHODS = ("int8", "int4")

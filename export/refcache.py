@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.files import sha256
+from neodeploy.core.files import sha256
 
 MAX_ENTRIES = 8
 

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from neodeploy.core.tolerances import TOLERANCES
 from neodeploy.runtime.aligned import align_left, lengths_mask
 from neodeploy.runtime.check import clear_preference
 from neodeploy.runtime.model import left_pad, position_ids
 
 DECODE_STEPS = 16
 TOP_K = 10
-# Max abs logit error allowed, as a fraction of the logit scale (max |reference logit| in the case).
-# Quantised weights move logits by design; their accuracy is judged by validate (top-1, perplexity) on
-# trained models, and these bounds only catch a broken graph.
-TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "int8": 0.15, "int4": 0.3}
+# The gate is TOLERANCES[precision].max_rel_error: max abs logit error as a fraction of the logit scale (max
+# |reference logit| in the case).
 SHORT_TEXT = "The quick brown fox jumps over the lazy dog."
 LONG_TEXT = (
     "In the beginning the Universe was created. This has made a lot of people very angry and been widely "
@@ -160,7 +159,7 @@ class OnnxDecoder:
 def compare(decoder: OnnxDecoder, case: Case, precision: str, aligned: bool = False) -> CaseResult:
     """Prefill then teacher-forced decode in onnxruntime; errors against the reference's logits. aligned: feed the
     CUDA target's layout (rows left-aligned, masks right-padded: runtime/aligned.py) instead of left padding."""
-    tol = TOLERANCE[precision]
+    tol = TOLERANCES[precision].max_rel_error
     ids, mask = align_left(case.input_ids, case.attention_mask) if aligned else (case.input_ids, case.attention_mask)
     logits, cache = decoder(ids, mask, position_ids(mask), decoder.empty_cache(mask.shape[0]))
     mask = case.attention_mask  # the reference's (left-padded) positions, for what follows
@@ -200,7 +199,7 @@ def compare(decoder: OnnxDecoder, case: Case, precision: str, aligned: bool = Fa
     return result
 
 
-def table(results: list[CaseResult], precision: str) -> str:
+def verification_table(results: list[CaseResult], precision: str) -> str:
     lines = [
         f"{'case':<10} {'batch':>5} {'prompt':>9} {'max|Δlogit|':>12} {'scale':>8} {'rel':>9} {'bound':>7} "
         f"{'greedy':>8}  result"
@@ -209,7 +208,7 @@ def table(results: list[CaseResult], precision: str) -> str:
         prompt = str(r.prompt_lengths[0]) if len(set(r.prompt_lengths)) == 1 else f"{min(r.prompt_lengths)}..{max(r.prompt_lengths)}"
         lines.append(
             f"{r.name:<10} {r.batch:>5} {prompt:>9} {r.max_abs_error:>12.3e} {r.scale:>8.3g} {r.relative_error:>9.2e} "
-            f"{TOLERANCE[precision]:>7.2g} {f'{r.greedy_agree}/{r.greedy_total}':>8}  "
+            f"{TOLERANCES[precision].max_rel_error:>7.2g} {f'{r.greedy_agree}/{r.greedy_total}':>8}  "
             + ("ok" if r.passed else "FAIL: " + "; ".join(r.notes))
         )
     return "\n".join(lines)
@@ -223,7 +222,7 @@ def save_golden(path: Path, cases: list[Case], precision: str, results: list[Cas
     arrays: dict[str, np.ndarray] = {
         "cases": np.array([c.name for c in cases]),
         "precision": np.array(precision),
-        "tolerance": np.array(TOLERANCE[precision], dtype=np.float64),
+        "tolerance": np.array(TOLERANCES[precision].max_rel_error, dtype=np.float64),
         "decode_steps": np.array(DECODE_STEPS),
     }
     for c in cases:

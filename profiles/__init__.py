@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from neodeploy.reference.spec import ModelSpec
+    from neodeploy.core.spec import ModelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,10 +1,11 @@
-"""PyTorch reference implementations of GPT-Neo and GPT-NeoX, checkpoint loading, and ModelSpec.
+"""PyTorch reference implementations of GPT-Neo and GPT-NeoX, and checkpoint loading.
 
-`ModelSpec`, `PRESETS`, `preset`, `load_spec` and `spec_from_config` are torch-free; the model and
-checkpoint functions import torch on first use, so the runtime can read specs without PyTorch.
+`ModelSpec`, `PRESETS`, `preset`, `load_spec`, `spec_from_config` and `hf_config` live in `neodeploy.core.spec`
+(torch-free) and are handed on here for `from neodeploy.reference import preset, ...`; the model and checkpoint
+functions import torch on first use.
 """
 
-from neodeploy.reference.spec import PRESETS, ModelSpec, hf_config, load_spec, preset, spec_from_config
+from neodeploy.core.spec import PRESETS, ModelSpec, hf_config, load_spec, preset, spec_from_config
 
 _LAZY = {
     "load_checkpoint": "neodeploy.reference.checkpoint",

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neodeploy.errors import CheckpointError, UsageError
+from neodeploy.core.errors import CheckpointError, UsageError
+from neodeploy.core.files import check_destination, is_write_failure, make_temp_dir, normalise_permissions, publish, write_failed
+from neodeploy.core.progress import live
+from neodeploy.core.spec import ModelSpec, hf_config, load_spec
+from neodeploy.core.tokenizer import write_tokenizer_files
 from neodeploy.reference.gpt_neo import GPTNeo
 from neodeploy.reference.gpt_neox import GPTNeoX
-from neodeploy.reference.spec import ModelSpec, hf_config, load_spec
-from neodeploy.progress import live
-from neodeploy.files import check_destination, make_temp_dir, is_write_failure, normalise_permissions, publish, write_failed
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Buffers older transformers versions saved; they carry nothing the model needs.
@@ -203,8 +204,6 @@ def make_checkpoint(
     """Write a random-initialised checkpoint in Hugging Face layout, atomically, one shard in memory at a time."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
-
-    from neodeploy.runtime.tokenizer import write_tokenizer_files
 
     out = Path(out)
     torch_dtype = parse_dtype(dtype)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 @dataclass

@@ -23,9 +23,9 @@ from neodeploy.reference.layers import (
     past_length,
     split_heads,
 )
-from neodeploy.reference.fused import attention_bias
+from neodeploy.core.spec import ModelSpec
+from neodeploy.reference.attention_op import attention_bias
 from neodeploy.reference.lengths import Lengths, attend
-from neodeploy.reference.spec import ModelSpec
 
 
 class SelfAttention(nn.Module):

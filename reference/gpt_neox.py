@@ -23,9 +23,9 @@ from neodeploy.reference.layers import (
     merge_heads,
     past_length,
 )
-from neodeploy.reference.fused import attention_bias, packed_rows
+from neodeploy.core.spec import ModelSpec
+from neodeploy.reference.attention_op import attention_bias, packed_rows
 from neodeploy.reference.lengths import Lengths, attend
-from neodeploy.reference.spec import ModelSpec
 
 
 def rotary_cos_sin(spec: ModelSpec, position_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neodeploy.reference.fused import fused_attention
+from neodeploy.reference.attention_op import fused_attention
 from neodeploy.reference.layers import apply_rotary, merge_heads, split_heads
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from neodeploy.reference.spec import ModelSpec
+from neodeploy.core.spec import ModelSpec
 
 SEQ, BATCH, HELD_OUT = 128, 8, 16
 
@@ -112,7 +112,7 @@ def save(model: torch.nn.Module, spec: ModelSpec, out: Path, stats: dict) -> Non
 
 def byte_model_spec() -> ModelSpec:
     """The demo's model: pythia-14m's architecture, 2 layers, one token per byte (+ <|endoftext|> at 0)."""
-    from neodeploy.reference.spec import preset
+    from neodeploy.core.spec import preset
 
     return preset("pythia-14m").replace(num_layers=2, hidden_size=128, num_heads=4, intermediate_size=512,
                                         vocab_size=257, max_positions=512, eos_token_id=0, bos_token_id=0)

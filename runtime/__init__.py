@@ -7,7 +7,7 @@
 Nothing in this package may import torch, directly or through neodeploy.reference's model code.
 """
 
+from neodeploy.core.tokenizer import Tokenizer
 from neodeploy.runtime.model import Generation, Model, load
-from neodeploy.runtime.tokenizer import Tokenizer
 
 __all__ = ["load", "Model", "Generation", "Tokenizer"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import OrtBackend
 from neodeploy.runtime.batch import DecodeBatch
 

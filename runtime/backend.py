@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from neodeploy.errors import ArtifactError, UsageError
-from neodeploy.runtime.manifest import Manifest
+from neodeploy.core.errors import ArtifactError, UsageError
+from neodeploy.core.manifest import Manifest
 
 
 class Backend(Protocol):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 def position_ids(mask: np.ndarray) -> np.ndarray:

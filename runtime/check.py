@@ -16,8 +16,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from neodeploy.errors import ArtifactError
-from neodeploy.runtime.manifest import verify_files
+from neodeploy.core.errors import ArtifactError
+from neodeploy.core.manifest import verify_files
 from neodeploy.runtime.batch import DecodeBatch
 from neodeploy.runtime.model import Model
 
@@ -142,7 +142,7 @@ def run_engine_check(model: Model, engine) -> list[str]:
     return failures
 
 
-def table(results: list[CheckResult]) -> str:
+def check_table(results: list[CheckResult]) -> str:
     lines = [f"{'case':<10} {'batch':>5} {'max|Δlogit|':>12} {'scale':>8} {'bound':>10} {'greedy':>8}  result"]
     for r in results:
         if r.skipped:

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
+from neodeploy.core.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.batch import DecodeBatch
-from neodeploy.files import parse_size
-from neodeploy.runtime.manifest import Manifest
+from neodeploy.core.files import parse_size
+from neodeploy.core.manifest import Manifest
 from neodeploy.runtime.prefix import PrefixCache
 from neodeploy.runtime.sampling import SamplingParams
 from neodeploy.runtime.sequence import Delta, Generation, Sequence

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 def import_tensorrt():

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from neodeploy.errors import UsageError
-from neodeploy.runtime.tokenizer import tokenizer_json
+from neodeploy.core.errors import UsageError
+from neodeploy.core.tokenizer import tokenizer_json
 
 CACHE_SIZE = 64  # compiled grammars kept per model (least recently used dropped first)
 

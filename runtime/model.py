@@ -17,17 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import Backend, create_backend
 from neodeploy.runtime.grammar import Grammars
 from neodeploy.runtime.batch import DecodeBatch, left_pad, position_ids  # noqa: F401 - re-exported
-from neodeploy.runtime.manifest import Manifest, artifact_path, read_manifest, verify_files
+from neodeploy.core.manifest import Manifest, artifact_path, read_manifest, verify_files
 from neodeploy.runtime.sampling import SamplingParams, penalised, sampling_distribution  # noqa: F401 - re-exported
 from neodeploy.runtime.sequence import Delta, Generation, Sequence
 from neodeploy.runtime.speculate import (NGRAM, ModelDrafter, NgramDrafter, Speculator, check_tokens, check_verifies,
                                          shared_vocabulary)
 from neodeploy.runtime.text import stop_sets
-from neodeploy.runtime.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
+from neodeploy.core.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER_FILES, Tokenizer
 
 Prompt = str | Seq[int]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neodeploy.errors import ModelOutputError, UsageError
+from neodeploy.core.errors import ModelOutputError, UsageError
 from neodeploy.runtime.grammar import Grammar
 
 MAX_LOGPROBS = 20  # OpenAI's own limit on top log-probabilities per token

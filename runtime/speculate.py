@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.runtime.batch import DecodeBatch
 from neodeploy.runtime.sequence import Delta, Sequence
 

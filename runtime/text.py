@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 REPLACEMENT = "\ufffd"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.errors import ArtifactError, UsageError
-from neodeploy.runtime.manifest import Manifest, read_verified
+from neodeploy.core.errors import ArtifactError, UsageError
+from neodeploy.core.manifest import Manifest, read_verified
 
 
 

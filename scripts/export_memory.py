@@ -83,7 +83,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = p.parse_args()
     from neodeploy.export import memory
-    from neodeploy.reference.spec import load_spec
+    from neodeploy.core.spec import load_spec
 
     spec = load_spec(args.checkpoint)
     weights, bound = 4 * spec.num_parameters(), memory.need(spec)  # fp32 weight bytes: what the bound is written in

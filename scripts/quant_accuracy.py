@@ -63,7 +63,7 @@ def main() -> None:
 
     from neodeploy.reference.checkpoint import load_checkpoint
     from neodeploy.reference.generate import greedy_generate
-    from neodeploy.runtime.tokenizer import Tokenizer
+    from neodeploy.core.tokenizer import Tokenizer
     from neodeploy.validate import PERPLEXITY_TEXT, _log_softmax
 
     reference, tokenizer = load_checkpoint(args.checkpoint), Tokenizer.from_dir(args.checkpoint)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from neodeploy.reference import preset
 from neodeploy.reference import train as training
-from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
+from neodeploy.core.tokenizer import TOKENIZER_FILES, Tokenizer
 
 
 def fixture_spec(family: str):

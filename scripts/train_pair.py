@@ -14,7 +14,7 @@ from pathlib import Path
 
 from neodeploy.reference import preset
 from neodeploy.reference import train as training
-from neodeploy.runtime.tokenizer import TOKENIZER_FILES, Tokenizer
+from neodeploy.core.tokenizer import TOKENIZER_FILES, Tokenizer
 
 # Small enough to train in minutes on 2 cores (a 6-layer, 512-wide target took > 13 s a step on a loaded machine).
 SIZES = {"target": dict(num_layers=4, hidden_size=256, num_heads=8, intermediate_size=1024),

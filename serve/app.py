@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neodeploy import __version__
-from neodeploy.errors import ClosedError, NeodeployError, OverloadedError, UsageError
+from neodeploy.core.errors import ClosedError, NeodeployError, OverloadedError, UsageError
 from neodeploy.runtime.engine import EngineConfig
-from neodeploy.runtime.tokenizer import read_chat_template
+from neodeploy.core.tokenizer import read_chat_template
 from neodeploy.serve.chat import ChatTemplate
 from neodeploy.serve.metrics import Metrics
 from neodeploy.serve.protocol import error_body

@@ -4,7 +4,7 @@ code we run: the sandbox refuses attribute access to internals, as transformers'
 from __future__ import annotations
 
 import json
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 class TemplateError(UsageError):

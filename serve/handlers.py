@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from neodeploy.errors import ClosedError, NeodeployError
+from neodeploy.core.errors import ClosedError, NeodeployError
 from neodeploy.serve import schema
 from neodeploy.serve.app import (STATIC, ModelNotFound, PayloadTooLarge, RequestTimeout, ServerState, error_response,
                                   logged_bug)

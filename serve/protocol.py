@@ -16,7 +16,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.runtime.sampling import MAX_LOGPROBS, Sample, SamplingParams
 
 if TYPE_CHECKING:

@@ -15,9 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import UsageError, VerificationError
+from neodeploy.core.errors import UsageError, VerificationError
 from neodeploy.runtime.engine import EngineConfig
 from neodeploy.serve.app import ServeOptions
+from neodeploy.serve.metrics import SERIES, outcome
 
 DEPLOYMENT = "neodeploy"
 
@@ -52,48 +53,50 @@ def parse_autoscale(text: str | None) -> tuple[int, int] | None:
 
 class RayMetrics:
     """The engine's metrics through Ray's metrics export (each node's metrics agent, what a cluster's Prometheus
-    scrapes), tagged with the replica, so the spread over replicas shows. Names as /metrics, prefixed ray_."""
+    scrapes), tagged with the replica, so the spread over replicas shows: the series serve/metrics.py declares,
+    under the same names prefixed ray_. A mirror of the replica's Metrics, which calls it."""
 
     def __init__(self, replica: str, engine_ref):
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        from neodeploy.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
-
-        tags = ("replica",)
         self.tags, self.engine = {"replica": replica}, engine_ref
-        self.requests = Counter("neodeploy_requests", "Finished requests by outcome", tag_keys=("replica", "outcome"))
-        self.generated = Counter("neodeploy_generation_tokens", "Generated tokens", tag_keys=tags)
-        self.prompt = Counter("neodeploy_prompt_tokens", "Prompt tokens of admitted requests", tag_keys=tags)
-        self.running = Gauge("neodeploy_running_requests", "Sequences being prefilled or decoded", tag_keys=tags)
-        self.waiting = Gauge("neodeploy_waiting_requests", "Requests queued for a slot", tag_keys=tags)
-        self.ttft = Histogram("neodeploy_time_to_first_token_seconds", "Submit to first token",
-                              boundaries=list(LATENCY_BUCKETS), tag_keys=tags)
-        self.itl = Histogram("neodeploy_inter_token_latency_seconds", "Between tokens of a request",
-                             boundaries=list(LATENCY_BUCKETS), tag_keys=tags)
-        self.batch = Histogram("neodeploy_batch_size", "Sequences per decode step", boundaries=list(BATCH_BUCKETS),
-                               tag_keys=tags)
+        for series in SERIES:
+            tag_keys = ("replica", *series.labels)
+            if series.kind == "histogram":
+                metric = Histogram(series.name, series.help, boundaries=list(series.buckets), tag_keys=tag_keys)
+            else:
+                metric = {"counter": Counter, "gauge": Gauge}[series.kind](series.name, series.help, tag_keys=tag_keys)
+            setattr(self, series.attr, metric)
 
     def _gauges(self) -> None:
         engine = self.engine()
         if engine is not None:
             self.running.set(engine.running, tags=self.tags)
             self.waiting.set(engine.waiting, tags=self.tags)
+            self.prefix_bytes.set(engine.prefix.bytes if engine.prefix is not None else 0, tags=self.tags)
+
+    def prefix(self, query_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(query_tokens, tags=self.tags)
+        self.prefix_hits.inc(hit_tokens, tags=self.tags)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted, tags=self.tags)
+        self.accepted.inc(accepted, tags=self.tags)
 
     def step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size, tags=self.tags)
+        self.step_seconds.observe(seconds, tags=self.tags)
         self._gauges()
 
     def token(self, handle, first: bool, seconds: float) -> None:
         (self.ttft if first else self.itl).observe(seconds, tags=self.tags)
         if first:
-            self.prompt.inc(len(handle.prompt_ids), tags=self.tags)
+            self.prompt_tokens.inc(len(handle.prompt_ids), tags=self.tags)
 
     def finished(self, handle, reason: str) -> None:
-        from neodeploy.serve.metrics import outcome
-
         self.requests.inc(1, tags={**self.tags, "outcome": outcome(reason)})
         if handle is not None and handle.sequence.text.output_ids:
-            self.generated.inc(len(handle.sequence.text.output_ids), tags=self.tags)
+            self.generated_tokens.inc(len(handle.sequence.text.output_ids), tags=self.tags)
         self._gauges()
 
 

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.serve.app import LOOPBACK_HOSTS, ServeOptions, ServerState, create_app
 from neodeploy.serve.protocol import error_body
 

@@ -129,7 +129,7 @@ def drifted_copy(artifact: Path, dest: Path) -> Path:
 
     import numpy as np
 
-    from neodeploy.files import sha256
+    from neodeploy.core.files import sha256
 
     shutil.copytree(artifact, dest)
     data = dest / "model.onnx.data"

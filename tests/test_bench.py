@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import tiny_neox
-from neodeploy import bench as bench_module
-from neodeploy.errors import UsageError
+from neodeploy import speed as bench_module
+from neodeploy.core.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -32,32 +32,37 @@ def test_bench_report_schema_and_skips(pair, monkeypatch, tmp_path):
     monkeypatch.setattr(bench_module, "read_bandwidth_gbs", lambda: next(measured))
     report = bench_module.bench(art, compare=["reference", "transformers", "optimum"], batches=[1, 2], prompt=8,
                                 new_tokens=4, repeat=2, echo=lambda s: None)
-    assert report["machine"]["read_bandwidth_samples_gbs"] == [10.0, 50.0, 20.0, 20.0, 30.0, 90.0]
-    assert report["machine"]["read_bandwidth_gbs"] == 25.0
-    assert report["weights"]["roof_ms_per_token"] == pytest.approx(report["weights"]["bytes_per_token"] / 25e9 * 1e3)
-    assert report["checkpoint"] == str(ckpt)
-    assert report["skipped"] == [{"system": "optimum", "reason": "No module named 'optimum' (simulated)"}]
-    systems = [(r["system"], r["batch"]) for r in report["results"]]
+    assert report.machine.read_bandwidth_samples_gbs == [10.0, 50.0, 20.0, 20.0, 30.0, 90.0]
+    assert report.machine.read_bandwidth_gbs == 25.0
+    assert report.weights.roof_ms_per_token == pytest.approx(report.weights.bytes_per_token / 25e9 * 1e3)
+    assert report.checkpoint == str(ckpt)
+    assert report.skipped == [bench_module.Skipped("optimum", "No module named 'optimum' (simulated)")]
+    systems = [(r.system, r.batch) for r in report.results]
     assert sorted(systems) == sorted((s, b) for s in ("neodeploy", "reference", "transformers") for b in (1, 2))
-    for r in report["results"]:
-        for key in ("prefill_ms", "decode_ms_per_token"):
-            assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
-        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["decode_ms_per_token"]["median"])
-        assert r["decode_x_roof"] > 0 and r["roof_ms_per_token"] > 0
-    assert set(report["ratios_vs_peers"]) == {"reference", "transformers"}
-    assert set(report["ratios_vs_peers"]["reference"]) == {"1", "2"}
-    assert report["machine"]["read_bandwidth_gbs"] > 0.1
+    for r in report.results:
+        for spread in (r.prefill_ms, r.decode_ms_per_token):
+            assert 0 < spread.min <= spread.median <= spread.max
+        assert r.tokens_per_s == pytest.approx(r.batch * 1000 / r.decode_ms_per_token.median)
+        assert r.decode_x_roof > 0 and r.roof_ms_per_token > 0
+    assert set(report.ratios_vs_peers) == {"reference", "transformers"}
+    assert set(report.ratios_vs_peers["reference"]) == {"1", "2"}
+    assert report.machine.read_bandwidth_gbs > 0.1
     from neodeploy.reference import ModelSpec
 
     # Every fp32 parameter but the input embedding (a Gather reads one row per token), from the spec alone.
     spec = ModelSpec.from_dict(json.loads((art / "neodeploy.json").read_text())["spec"])
     expected = (spec.num_parameters() - spec.vocab_size * spec.hidden_size) * 4
-    assert report["weights"]["bytes_per_token"] == pytest.approx(expected, rel=0.01)
-    peers = {r["system"]: r["weight_bytes_per_token"] for r in report["results"] if r["batch"] == 1}
+    assert report.weights.bytes_per_token == pytest.approx(expected, rel=0.01)
+    peers = {r.system: r.weight_bytes_per_token for r in report.results if r.batch == 1}
     assert peers["reference"] == peers["transformers"] == bench_module.checkpoint_bytes_per_token(spec) == expected
     bench_module.plot(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = bench_module.table(report)
+    text = bench_module.speed_table(report)
+    bench_module.write_json(tmp_path / "report.json", report)  # the typed report keeps the JSON's shape
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["machine"]["read_bandwidth_gbs"] == 25.0 and written["skipped"][0]["system"] == "optimum"
+    assert written["results"][0]["decode_ms_per_token"]["median"] == report.results[0].decode_ms_per_token.median
+    assert written["ratios_vs_peers"]["reference"]["1"]["decode_speedup"] > 0
     assert "neodeploy vs reference, batch 2" in text and "skipped optimum" in text
 
 
@@ -93,7 +98,7 @@ def test_llama_cpp_peer_runs_batch_one_in_the_alternation_and_skips_cleanly(pair
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # not installed
     report = bench_module.bench(art, compare=["llama.cpp"], gguf=gguf, prompt=8, new_tokens=3, repeat=1,
                                 echo=lambda s: None)
-    assert report["skipped"][0]["system"] == "llama.cpp" and "llama-cpp-python is not installed" in report["skipped"][0]["reason"]
+    assert report.skipped[0].system == "llama.cpp" and "llama-cpp-python is not installed" in report.skipped[0].reason
 
     from neodeploy.reference import load_checkpoint
 
@@ -124,13 +129,13 @@ def test_llama_cpp_peer_runs_batch_one_in_the_alternation_and_skips_cleanly(pair
     report = bench_module.bench(art, compare=["llama.cpp"], gguf=gguf, batches=[1, 2], prompt=8, new_tokens=3,
                                 repeat=1, threads=2, echo=lambda s: None)
     assert calls[0] == ("init", 11, 2)  # context prompt + new tokens, the same thread count as ours
-    rows = {(r["system"], r["batch"]): r for r in report["results"]}
+    rows = {(r.system, r.batch): r for r in report.results}
     assert set(rows) == {("neodeploy", 1), ("neodeploy", 2), ("llama.cpp", 1)}
-    assert {"system": "llama.cpp", "reason": "batch 2: runs batch 1 only"} in report["skipped"]
-    assert rows[("llama.cpp", 1)]["weight_bytes_per_token"] == 123_000_000
-    roof = 123_000_000 / (report["machine"]["read_bandwidth_gbs"] * 1e9) * 1e3
-    assert rows[("llama.cpp", 1)]["roof_ms_per_token"] == pytest.approx(roof)
-    assert "llama.cpp" in report["ratios_vs_peers"] and "1" in report["ratios_vs_peers"]["llama.cpp"]
+    assert bench_module.Skipped("llama.cpp", "batch 2: runs batch 1 only") in report.skipped
+    assert rows[("llama.cpp", 1)].weight_bytes_per_token == 123_000_000
+    roof = 123_000_000 / (report.machine.read_bandwidth_gbs * 1e9) * 1e3
+    assert rows[("llama.cpp", 1)].roof_ms_per_token == pytest.approx(roof)
+    assert "llama.cpp" in report.ratios_vs_peers and "1" in report.ratios_vs_peers["llama.cpp"]
     bench_module.plot(report, tmp_path / "three.png")  # llama.cpp has no batch-2 bar
     assert (tmp_path / "three.png").read_bytes()[:4] == b"\x89PNG"
     # Its greedy tokens are the reference's (the stand-in computes them): the runner reads the last row.
@@ -151,9 +156,9 @@ def test_optimum_int8_peer_runs_optimums_own_quantised_export(pair):
     _, art = pair
     report = bench_module.bench(art, compare=["optimum-int8"], batches=[1], prompt=8, new_tokens=3, repeat=1,
                                 echo=lambda s: None)
-    rows = {r["system"]: r for r in report["results"]}
-    assert set(rows) == {"neodeploy", "optimum-int8"} and not report["skipped"]
-    fp32 = rows["neodeploy"]["weight_bytes_per_token"]  # this artifact is fp32: int8 weights are ~1/4 of it
-    assert rows["optimum-int8"]["weight_bytes_per_token"] < 0.5 * fp32
-    assert rows["optimum-int8"]["decode_ms_per_token"]["median"] > 0
-    assert "optimum-int8" in report["ratios_vs_peers"]
+    rows = {r.system: r for r in report.results}
+    assert set(rows) == {"neodeploy", "optimum-int8"} and not report.skipped
+    fp32 = rows["neodeploy"].weight_bytes_per_token  # this artifact is fp32: int8 weights are ~1/4 of it
+    assert rows["optimum-int8"].weight_bytes_per_token < 0.5 * fp32
+    assert rows["optimum-int8"].decode_ms_per_token.median > 0
+    assert "optimum-int8" in report.ratios_vs_peers

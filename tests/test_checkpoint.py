@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_load, tiny_neo, tiny_neox
-from neodeploy.errors import CheckpointError, ConfigError, UsageError
+from neodeploy.core.errors import CheckpointError, ConfigError, UsageError
 from neodeploy.reference import load_checkpoint
 
 IDS = torch.tensor([[5, 17, 33, 2, 250, 9, 100, 64, 3, 7, 11, 200]])

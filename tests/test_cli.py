@@ -55,7 +55,7 @@ def test_make_checkpoint_with_a_gpt_neo_vocabulary_prints_two_lines(tmp_path):
 
 
 def test_tokenizer_json_of_a_vocabulary_with_holes_is_silent(capfd):
-    from neodeploy.runtime.tokenizer import builtin_byte_tokenizer, tokenizer_json
+    from neodeploy.core.tokenizer import builtin_byte_tokenizer, tokenizer_json
 
     text = tokenizer_json(builtin_byte_tokenizer(50256, 50257))  # what structured output hands llguidance
     assert json.loads(text)["model"]["vocab"]["<|endoftext|>"] == 50256

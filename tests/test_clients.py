@@ -175,9 +175,9 @@ def test_a_chat_template_is_shipped_by_export_and_named_where_it_is_missing(serv
     """export --chat-template chatml writes chat_template.jinja (listed with its sha256); inspect says where the
     template is; an artifact without one says so at start, and its chat 400 names both options."""
     from neodeploy.export import export
-    from neodeploy.files import sha256
-    from neodeploy.runtime.manifest import read_manifest
-    from neodeploy.runtime.tokenizer import CHATML
+    from neodeploy.core.files import sha256
+    from neodeploy.core.manifest import read_manifest
+    from neodeploy.core.tokenizer import CHATML
     from neodeploy.serve.app import ServeOptions, ServerState, create_app
 
     art = export(serve_artifact.parent / "ckpt", tmp_path / "chatml", chat_template=CHATML, echo=lambda s: None)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import tiny_neo, tiny_neox
-from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.export import export
 from neodeploy.export.cuda import copy_rows_graph
 from neodeploy.reference import build_model

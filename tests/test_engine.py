@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_neo, tiny_neox
-from neodeploy.errors import OverloadedError, UsageError
+from neodeploy.core.errors import OverloadedError, UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.batch import RotaryTable
 from neodeploy.runtime.engine import Engine, EngineConfig, parse_kv_budget
@@ -152,7 +152,7 @@ def test_a_failing_request_leaves_the_others_running(exported):
 def test_non_finite_logits_fail_only_their_own_request(exported, monkeypatch):
     """A row whose logits are NaN (a broken or overflowing model, here one sequence's sampler seeing NaN after
     its third token) fails that request with the typed error; the other rows of the same batch finish as alone."""
-    from neodeploy.errors import ModelOutputError
+    from neodeploy.core.errors import ModelOutputError
     from neodeploy.runtime import sampling
 
     model = load(exported("cpu-neo", tiny_neo(), target="cpu")[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import pytest
 import torch
 
 from conftest import tiny_neo, tiny_neox
-from neodeploy.errors import ExportError, UsageError, VerificationError
+from neodeploy.core.errors import ExportError, UsageError, VerificationError
+from neodeploy.core.files import sha256
+from neodeploy.core.manifest import read_manifest
+from neodeploy.core.tolerances import TOLERANCES
 from neodeploy.export import export, verify
-from neodeploy.files import sha256
 
 CONFIGS = {
     "gpt_neo-window4": tiny_neo(),
@@ -169,7 +172,7 @@ def test_optimum_loads_the_folder_and_greedy_matches(artifacts, key):
 
 def test_verification_failure_publishes_nothing(artifacts, tmp_path, monkeypatch):
     ckpt, _ = artifacts[("gpt_neox-rotary0.25-parallel", "fp32")]
-    monkeypatch.setitem(verify.TOLERANCE, "fp32", 0.0)
+    monkeypatch.setitem(TOLERANCES, "fp32", dataclasses.replace(TOLERANCES["fp32"], max_rel_error=0.0))
     with pytest.raises(VerificationError, match="verification failed on case 'short'"):
         export(ckpt, tmp_path / "out", echo=lambda s: None)
     assert list(tmp_path.iterdir()) == []
@@ -257,6 +260,10 @@ def test_int8_quantises_a_tied_lm_head(tmp_path):
     art = export(ckpt, tmp_path / "int8", quantize="int8", echo=lambda s: None)
     manifest = json.loads((art / "neodeploy.json").read_text())
     assert manifest["quantization"]["quantized_matmuls"] == 3 * 6 + 1  # q, k, v, out, fc, proj per layer + lm_head
+    typed = read_manifest(art)
+    assert (typed.quantization.method, typed.precision, typed.dtype) == ("int8", "int8", "fp32")
+    assert typed.quantization.ops.startswith("MatMul ->")
+    assert typed.fields()["quantization"] == manifest["quantization"]  # an updated copy keeps the whole section
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
     assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0].endswith("lm_head.weight")]
 

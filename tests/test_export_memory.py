@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from neodeploy.export import memory
-from neodeploy.reference.spec import preset
+from neodeploy.core.spec import preset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "export_memory.py"
 
@@ -63,7 +63,7 @@ def test_the_export_refuses_up_front_when_the_machine_has_too_little_memory(wide
                            "--max-memory", "1GB"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs about 1.8 GB" in proc.stderr and "--max-memory is 1.0 GB" in proc.stderr
     assert not (tmp_path / "art").exists() and not list(tmp_path.iterdir())
-    from neodeploy.errors import ExportError
+    from neodeploy.core.errors import ExportError
 
     with pytest.raises(ExportError, match="needs about"):
         memory.check(spec, 10**6, ExportError)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import alive, cmdline, descendants, drifted_copy, tiny_neo, tiny_neox
-from neodeploy.files import publish, recover_interrupted
+from neodeploy.core.files import publish, recover_interrupted
 
 CLI = [sys.executable, "-m", "neodeploy"]
 
@@ -302,7 +302,7 @@ def _dead_pid() -> int:
 
 
 def test_publish_swaps_in_one_step_and_recovers_an_interrupted_swap(tmp_path, monkeypatch):
-    import neodeploy.files as files
+    import neodeploy.core.files as files
 
     out, new = tmp_path / "out", tmp_path / "new"
     for folder, text in ((out, "old"), (new, "new")):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_neo, tiny_neox
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.backend import load_cuda_libraries
 

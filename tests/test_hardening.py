@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import alive, cmdline, descendants, tiny_neox
-from neodeploy.errors import ArtifactError, UsageError
-from neodeploy.files import sha256
+from neodeploy.core.errors import ArtifactError, UsageError
+from neodeploy.core.files import sha256
 from neodeploy.runtime import load
 
 
@@ -172,8 +172,8 @@ def test_a_killed_export_leaves_no_worker_and_its_temp_folder_goes_next_time(exp
     ({"num_hidden_layers": 1 << 40}, "beyond"),  # refused before ("global",) * layers fills memory
 ])
 def test_config_json_is_checked_by_type_and_range(change, match):
-    from neodeploy.errors import ConfigError
-    from neodeploy.reference.spec import hf_config, spec_from_config
+    from neodeploy.core.errors import ConfigError
+    from neodeploy.core.spec import hf_config, spec_from_config
 
     cfg = {**hf_config(tiny_neox()), **change}
     with pytest.raises(ConfigError, match=match):
@@ -239,8 +239,8 @@ def test_mutated_configs_parse_or_raise_config_error():
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from neodeploy.errors import ConfigError
-    from neodeploy.reference.spec import hf_config, spec_from_config
+    from neodeploy.core.errors import ConfigError
+    from neodeploy.core.spec import hf_config, spec_from_config
 
     bases = [hf_config(tiny_neox()), hf_config(tiny_neox().replace(rotary_pct=1.0))]
     from conftest import tiny_neo

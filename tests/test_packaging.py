@@ -19,8 +19,8 @@ def test_wheel_installs_only_the_neodeploy_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"neodeploy", next(t for t in top if t.endswith(".dist-info"))}
-    for module in ("__init__.py", "cli.py", "errors.py", "reference/gpt_neo.py", "reference/gpt_neox.py",
-                   "reference/spec.py", "runtime/tokenizer.py", "export/__init__.py", "profiles/__init__.py"):
+    for module in ("__init__.py", "cli.py", "core/errors.py", "core/spec.py", "core/manifest.py", "core/tokenizer.py",
+                   "reference/gpt_neo.py", "reference/gpt_neox.py", "export/__init__.py", "profiles/__init__.py"):
         assert f"neodeploy/{module}" in names, module
     assert not [n for n in names if "/tests/" in n or n.startswith("neodeploy/tests")]
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -31,7 +31,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disa
 @pytest.fixture(scope="module")
 def artifacts(wide_artifact, tmp_path_factory):
     """The wide artifact (a chat template) and a copy of it without one."""
-    from neodeploy.files import sha256
+    from neodeploy.core.files import sha256
 
     bare = tmp_path_factory.mktemp("playground") / "bare"
     shutil.copytree(wide_artifact, bare)

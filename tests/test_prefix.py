@@ -120,7 +120,7 @@ def test_cached_tokens_in_usage_and_metrics(exported):
 def test_bench_serve_request_sets_are_the_same_for_every_system():
     """Prompt ids come from one range whatever serves them (an artifact's 50304-row vocabulary drew from all of it,
     --url from 50000: two systems measured on different requests); shared-prefix requests share their prefix."""
-    from neodeploy.serve.bench import request_set
+    from neodeploy.serve.throughput import request_set
 
     ours = request_set("random", 8, 128, 0, 50304, 0)
     theirs = request_set("random", 8, 128, 0, 50000, None)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_neo, tiny_neox
-from neodeploy.errors import ArtifactError, UsageError
+from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.model import Model, SamplingParams, sampling_distribution
-from neodeploy.runtime.tokenizer import Tokenizer
+from neodeploy.core.tokenizer import Tokenizer
 
 PROMPTS = [[5, 17, 33, 2, 250, 9, 100, 64, 3, 7, 11], [42, 8], [300, 1, 2, 3, 4, 5]]
 
@@ -132,7 +132,7 @@ def test_sampler_at_a_denormal_temperature_and_on_non_finite_logits():
     """A temperature the API allows (0 < T <= 2) but near the float minimum is greedy, not NaN; a NaN or inf in
     the logits is a typed error naming the fix, never a silent token 0; a masked (-inf) token never reaches the
     reported log-probabilities (JSON has no -inf)."""
-    from neodeploy.errors import ModelOutputError
+    from neodeploy.core.errors import ModelOutputError
     from neodeploy.runtime.sampling import Sampler
 
     logits = np.array([1.0, 2.0, 3.0, 0.5], np.float32)
@@ -186,14 +186,14 @@ class ScriptedBackend:
 
 
 def _scripted_model(tmp_path, text):
-    from neodeploy.runtime.tokenizer import builtin_byte_tokenizer
+    from neodeploy.core.tokenizer import builtin_byte_tokenizer
 
     tk = builtin_byte_tokenizer(0, 257)
     tk.save(str(tmp_path / "tokenizer.json"))
     tokenizer = Tokenizer.from_dir(tmp_path)
     script = tokenizer.encode(text) + [0]  # then eos
-    from neodeploy.reference.spec import PRESETS
-    from neodeploy.runtime.manifest import FORMAT, FORMAT_VERSION, Manifest
+    from neodeploy.core.spec import PRESETS
+    from neodeploy.core.manifest import FORMAT, FORMAT_VERSION, Manifest
 
     spec = PRESETS["pythia-14m"].replace(vocab_size=257, eos_token_id=0, bos_token_id=0)
     manifest = Manifest.from_dict({"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec.to_dict(),
@@ -286,7 +286,7 @@ def test_one_model_serves_four_threads(pair):
 
 def _perturb_weight(art, dest):
     """Corrupt one weight the way a bad build would (and re-hash it, so only the numbers can tell)."""
-    from neodeploy.runtime.manifest import file_hashes
+    from neodeploy.core.manifest import file_hashes
 
     shutil.copytree(art, dest)
     data = np.fromfile(dest / "model.onnx.data", dtype=np.float32)
@@ -463,7 +463,7 @@ def test_check_beside_a_generation_holds_an_exclusive_backends_lock(pair):
 
 
 def test_check_skips_cases_outside_an_engine_profile(pair):
-    from neodeploy.runtime.check import run_check, table
+    from neodeploy.runtime.check import check_table, run_check
 
     _, art = pair
     model = load(art)
@@ -471,4 +471,4 @@ def test_check_skips_cases_outside_an_engine_profile(pair):
     results = {r.case: r for r in run_check(model)}
     assert results["long"].skipped and "prompt" in results["long"].skipped
     assert results["short"].skipped is None and all(r.passed for r in results.values())
-    assert "skipped: outside the engine's profile" in table(list(results.values()))
+    assert "skipped: outside the engine's profile" in check_table(list(results.values()))

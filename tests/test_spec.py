@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from neodeploy.errors import ConfigError
+from neodeploy.core.errors import ConfigError
 from neodeploy.reference import PRESETS, ModelSpec, hf_config, load_spec, preset, spec_from_config
 
 # Published parameter counts (model cards / safetensors metadata of EleutherAI's checkpoints).

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_neo, tiny_neox
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.batch import DecodeBatch
 from neodeploy.runtime.check import run_engine_check

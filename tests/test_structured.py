@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_neo, tiny_neox, tokenizer_dir
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 from neodeploy.runtime.sampling import Sampler, SamplingParams, sampling_distribution
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -206,7 +206,7 @@ def test_tool_calls_are_read_only_where_the_grammar_constrained_them():
     assert auto.read(" " + call) is None and auto.read(call.replace('"f"', '"g"')) is None
     assert auto.may_be_call("<tool") and not auto.may_be_call(" <tool_call>")
     from neodeploy.runtime.grammar import Grammars
-    from neodeploy.runtime.tokenizer import Tokenizer
+    from neodeploy.core.tokenizer import Tokenizer
 
     grammars = Grammars(Tokenizer.from_dir(tokenizer_dir("gpt-neox-20b")), 50304, 0)
     for choice in ("auto", "required", {"type": "function", "function": {"name": "f"}}):

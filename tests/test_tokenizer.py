@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from conftest import tiny_neo, tiny_neox, tokenizer_dir
-from neodeploy.errors import TokenizerError
-from neodeploy.runtime.tokenizer import Tokenizer, builtin_byte_tokenizer
+from neodeploy.core.errors import TokenizerError
+from neodeploy.core.tokenizer import Tokenizer, builtin_byte_tokenizer
 
 TEXT = "Hello world, naïve café — 東京 🚀 <|endoftext|>"
 

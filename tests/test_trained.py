@@ -51,7 +51,7 @@ def test_exports_validate_on_trained_models(trained_artifacts, family, precision
 
 
 def test_validate_and_layerwise_find_a_corrupted_block(trained_artifacts, tmp_path):
-    from neodeploy.runtime.manifest import file_hashes
+    from neodeploy.core.manifest import file_hashes
 
     ckpt, art = trained_artifacts[("gpt_neox", "fp32")]
     bad = tmp_path / "bad"
@@ -130,7 +130,7 @@ def test_int4_head_bits_4_is_all_4_bit_and_less_accurate_than_the_8_bit_head(tra
 
 
 def test_quantize_requests_are_checked(trained, tmp_path):
-    from neodeploy.errors import UsageError
+    from neodeploy.core.errors import UsageError
 
     ckpt = trained("gpt_neox")
     for kwargs, message in ((dict(quantize="int8", precision="fp16"), "applies to fp32 exports"),

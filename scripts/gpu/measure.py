@@ -89,7 +89,7 @@ def artifact(work: Path, ckpt: Path, precision: str, target: str, max_context: i
 
 
 def tiny_specs() -> dict:
-    from neodeploy.reference.spec import preset
+    from neodeploy.core.spec import preset
 
     neox = preset("pythia-70m").replace(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512,
                                         vocab_size=512, attention_layers=("global", "global"))
@@ -177,7 +177,7 @@ def speed(work: Path, presets: list[str], providers: list[str], device: str, pro
     section(f"speed: prefill {prompt_len} tokens, decode {steps} tokens, fp16, {providers[0]} vs transformers")
     print(f"   {'model':<14} {'batch':>5} {'ours prefill ms':>16} {'ours decode ms/tok':>19} "
           f"{'hf prefill ms':>14} {'hf decode ms/tok':>17}")
-    from neodeploy.reference.spec import preset
+    from neodeploy.core.spec import preset
 
     for name in presets:
         ckpt = checkpoint(work, name, preset(name))
@@ -237,7 +237,7 @@ def _time_transformers(ckpt: Path, device: str, batch: int, prompt_len: int, ste
 def serving(work: Path, name: str, target: str, concurrency: str, requests: int, prompt_len: int,
             new_tokens: int) -> None:
     """neodeploy bench-serve (its server uses the first available provider: CUDA where onnxruntime-gpu is installed)."""
-    from neodeploy.reference.spec import preset
+    from neodeploy.core.spec import preset
 
     section(f"bench-serve {name} fp16 {target} at {concurrency} clients")
     ckpt = checkpoint(work, name, preset(name))

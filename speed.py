@@ -17,16 +17,16 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from neodeploy.runtime.manifest import Manifest
+    from neodeploy.core.manifest import Manifest
 
 SYSTEMS = ("neodeploy", "reference", "transformers", "optimum", "optimum-int8", "llama.cpp")
 DEFAULT_PEERS = ("reference", "transformers", "optimum")  # llama.cpp only when asked: it needs a GGUF
@@ -252,6 +252,91 @@ class LlamaCppRunner(Runner):
         self.token = self._greedy()
 
 
+@dataclass(frozen=True)
+class Spread:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    """One system at one batch size: medians and spread over the repeats, against its own memory roof."""
+    system: str
+    batch: int
+    prefill_ms: Spread
+    decode_ms_per_token: Spread
+    tokens_per_s: float
+    memory_mb: float
+    weight_bytes_per_token: int
+    roof_ms_per_token: float | None
+    decode_x_roof: float | None
+    new_tokens: int
+
+
+@dataclass(frozen=True)
+class Speedup:
+    decode_speedup: float
+    prefill_speedup: float
+
+
+@dataclass(frozen=True)
+class Skipped:
+    system: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    family: str
+    layers: int
+    hidden: int
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batches: list[int]
+    prompt: int
+    new_tokens: int
+    repeat: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class Machine:
+    read_bandwidth_gbs: float  # the median of the samples: what the roofs use
+    read_bandwidth_samples_gbs: list[float]
+    cpu_count: int
+
+
+@dataclass(frozen=True)
+class Weights:
+    bytes_per_token: int  # ours, from the graph
+    roof_ms_per_token: float
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What `bench` measured; `to_dict` is the JSON `--json` writes."""
+    artifact: str
+    checkpoint: str
+    precision: str
+    model: ModelShape
+    config: BenchConfig
+    machine: Machine
+    weights: Weights
+    results: list[SystemResult]
+    ratios_vs_peers: dict[str, dict[str, Speedup]]  # peer -> batch (as text, a JSON key) -> ours vs theirs
+    skipped: list[Skipped]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class Result:
     system: str
@@ -261,22 +346,19 @@ class Result:
     memory_mb: float = float("nan")
     bytes_per_token: int = 0
 
-    def summary(self, new_tokens: int, bandwidth_gbs: float) -> dict:
-        def stats(values):
-            return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
+    def summary(self, new_tokens: int, bandwidth_gbs: float) -> SystemResult:
         decode = statistics.median(self.decode_ms)
         roof_ms = self.bytes_per_token / (bandwidth_gbs * 1e9) * 1e3 if self.bytes_per_token else None
-        return {
-            "system": self.system, "batch": self.batch,
-            "prefill_ms": stats(self.prefill_ms), "decode_ms_per_token": stats(self.decode_ms),
-            "tokens_per_s": self.batch * 1000.0 / decode,
-            "memory_mb": self.memory_mb,
-            "weight_bytes_per_token": self.bytes_per_token,
-            "roof_ms_per_token": roof_ms,
-            "decode_x_roof": decode / roof_ms if roof_ms else None,
-            "new_tokens": new_tokens,
-        }
+        return SystemResult(
+            system=self.system, batch=self.batch,
+            prefill_ms=Spread.of(self.prefill_ms), decode_ms_per_token=Spread.of(self.decode_ms),
+            tokens_per_s=self.batch * 1000.0 / decode,
+            memory_mb=self.memory_mb,
+            weight_bytes_per_token=self.bytes_per_token,
+            roof_ms_per_token=roof_ms,
+            decode_x_roof=decode / roof_ms if roof_ms else None,
+            new_tokens=new_tokens,
+        )
 
 
 def _run_once(runner: Runner, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
@@ -327,8 +409,8 @@ def graph_bytes_per_token(path: Path) -> int:
 
 def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: list[str] | None = None,
           batches: list[int] = (1,), prompt: int = 128, new_tokens: int = 64, repeat: int = 5,
-          gguf: str | Path | None = None, threads: int | None = None, echo=print) -> dict:
-    from neodeploy.runtime.manifest import read_manifest, verify_files
+          gguf: str | Path | None = None, threads: int | None = None, echo=print) -> BenchReport:
+    from neodeploy.core.manifest import read_manifest, verify_files
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
@@ -354,7 +436,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         raise UsageError(f"--checkpoint {checkpoint} does not exist (or is not a folder)")
     checkpoint = Path(checkpoint or source["checkpoint"])
     per_token = weight_bytes_per_token(artifact, manifest)  # ours, from the graph
-    skipped: list[dict] = []
+    skipped: list[Skipped] = []
     runners: dict[str, Runner] = {}
     memory: dict[str, float] = {}
     scratch = tempfile.TemporaryDirectory(prefix="neodeploy-bench-")  # Optimum's export; removed at the end
@@ -376,7 +458,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
             else:
                 runners[name] = OptimumRunner(checkpoint, workdir, quantize=name == "optimum-int8")
         except (ImportError, FileNotFoundError) as exc:
-            skipped.append({"system": name, "reason": str(exc).splitlines()[0]})
+            skipped.append(Skipped(name, str(exc).splitlines()[0]))
             echo(f"skipping {name}: {str(exc).splitlines()[0]}")
             continue
         grown = _rss_mb() - before  # RSS growth while it loaded; a collection of earlier garbage can undercut it
@@ -394,7 +476,7 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
         ids = rng.integers(0, vocab, size=(batch, prompt), dtype=np.int64)
         running = {n: r for n, r in runners.items() if r.max_batch is None or batch <= r.max_batch}
         for name in runners.keys() - running.keys():
-            skipped.append({"system": name, "reason": f"batch {batch}: runs batch {runners[name].max_batch} only"})
+            skipped.append(Skipped(name, f"batch {batch}: runs batch {runners[name].max_batch} only"))
         batch_results = {name: Result(name, batch, memory_mb=memory[name], bytes_per_token=r.bytes_per_token)
                          for name, r in running.items()}
         for runner in running.values():  # warm-up
@@ -417,52 +499,51 @@ def bench(artifact: str | Path, checkpoint: str | Path | None = None, compare: l
     bandwidth = statistics.median(bandwidths)
     roof_ms = per_token / (bandwidth * 1e9) * 1e3
     summaries = [r.summary(new_tokens, bandwidth) for r in results]
-    ratios = {}
+    ratios: dict[str, dict[str, Speedup]] = {}
     for batch in batches:
-        by = {s["system"]: s for s in summaries if s["batch"] == batch}
+        by = {s.system: s for s in summaries if s.batch == batch}
         ours = by.get("neodeploy")
         for peer in by:
             if peer != "neodeploy" and ours:
-                ratios.setdefault(peer, {})[str(batch)] = {
-                    "decode_speedup": by[peer]["decode_ms_per_token"]["median"] / ours["decode_ms_per_token"]["median"],
-                    "prefill_speedup": by[peer]["prefill_ms"]["median"] / ours["prefill_ms"]["median"],
-                }
-    return {
-        "artifact": str(artifact), "checkpoint": str(checkpoint), "precision": manifest.precision,
-        "model": {"family": manifest.spec.family, "layers": manifest.spec.num_layers,
-                  "hidden": manifest.spec.hidden_size},
-        "config": {"batches": list(batches), "prompt": prompt, "new_tokens": new_tokens, "repeat": repeat,
-                   "threads": threads},
-        "machine": {"read_bandwidth_gbs": bandwidth, "read_bandwidth_samples_gbs": bandwidths, "cpu_count": cores()},
-        "weights": {"bytes_per_token": per_token, "roof_ms_per_token": roof_ms},
-        "results": summaries, "ratios_vs_peers": ratios, "skipped": skipped,
-    }
+                ratios.setdefault(peer, {})[str(batch)] = Speedup(
+                    decode_speedup=by[peer].decode_ms_per_token.median / ours.decode_ms_per_token.median,
+                    prefill_speedup=by[peer].prefill_ms.median / ours.prefill_ms.median,
+                )
+    spec = manifest.spec
+    return BenchReport(
+        artifact=str(artifact), checkpoint=str(checkpoint), precision=manifest.precision,
+        model=ModelShape(spec.family, spec.num_layers, spec.hidden_size),
+        config=BenchConfig(list(batches), prompt, new_tokens, repeat, threads),
+        machine=Machine(bandwidth, bandwidths, cores()),
+        weights=Weights(per_token, roof_ms),
+        results=summaries, ratios_vs_peers=ratios, skipped=skipped,
+    )
 
 
-def table(report: dict) -> str:
+def speed_table(report: BenchReport) -> str:
     lines = [f"{'system':<13} {'batch':>5} {'prefill ms':>18} {'decode ms/token':>20} {'tok/s':>8} {'x roof':>8} "
              f"{'MB/token':>8} {'mem MB':>8}"]
-    for s in report["results"]:
-        p, d = s["prefill_ms"], s["decode_ms_per_token"]
-        lines.append(f"{s['system']:<13} {s['batch']:>5} {p['median']:>8.1f} [{p['min']:.0f}-{p['max']:.0f}]".ljust(38)
-                     + f" {d['median']:>8.2f} [{d['min']:.1f}-{d['max']:.1f}]".ljust(21)
-                     + f" {s['tokens_per_s']:>8.1f} "
-                     + (f"{s['decode_x_roof']:>8.2f}" if s["decode_x_roof"] else f"{'n/a':>8}")
-                     + f" {s['weight_bytes_per_token'] / 1e6:>8.0f} {s['memory_mb']:>8.0f}")
-    w = report["weights"]
-    lines.append(f"read bandwidth {report['machine']['read_bandwidth_gbs']:.1f} GB/s (read-only kernel, "
-                 f"{report['config']['threads']} threads, median of before, each repeat and after); "
+    for s in report.results:
+        p, d = s.prefill_ms, s.decode_ms_per_token
+        lines.append(f"{s.system:<13} {s.batch:>5} {p.median:>8.1f} [{p.min:.0f}-{p.max:.0f}]".ljust(38)
+                     + f" {d.median:>8.2f} [{d.min:.1f}-{d.max:.1f}]".ljust(21)
+                     + f" {s.tokens_per_s:>8.1f} "
+                     + (f"{s.decode_x_roof:>8.2f}" if s.decode_x_roof else f"{'n/a':>8}")
+                     + f" {s.weight_bytes_per_token / 1e6:>8.0f} {s.memory_mb:>8.0f}")
+    w = report.weights
+    lines.append(f"read bandwidth {report.machine.read_bandwidth_gbs:.1f} GB/s (read-only kernel, "
+                 f"{report.config.threads} threads, median of before, each repeat and after); "
                  f"roof = weight bytes read per token / bandwidth: ours "
-                 f"{w['bytes_per_token'] / 1e6:.0f} MB, {w['roof_ms_per_token']:.1f} ms/token")
-    for peer, by_batch in report["ratios_vs_peers"].items():
+                 f"{w.bytes_per_token / 1e6:.0f} MB, {w.roof_ms_per_token:.1f} ms/token")
+    for peer, by_batch in report.ratios_vs_peers.items():
         for batch, r in by_batch.items():
-            lines.append(f"neodeploy vs {peer}, batch {batch}: decode {r['decode_speedup']:.2f}x, prefill {r['prefill_speedup']:.2f}x")
-    for s in report["skipped"]:
-        lines.append(f"skipped {s['system']}: {s['reason']}")
+            lines.append(f"neodeploy vs {peer}, batch {batch}: decode {r.decode_speedup:.2f}x, prefill {r.prefill_speedup:.2f}x")
+    for s in report.skipped:
+        lines.append(f"skipped {s.system}: {s.reason}")
     return "\n".join(lines)
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: BenchReport, path: Path) -> None:
     try:
         import matplotlib
 
@@ -470,33 +551,33 @@ def plot(report: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from exc
-    systems = list(dict.fromkeys(s["system"] for s in report["results"]))
-    batches = report["config"]["batches"]
+    systems = list(dict.fromkeys(s.system for s in report.results))
+    batches = report.config.batches
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(systems)
     for k, system in enumerate(systems):
         # A system may lack a batch (llama.cpp runs batch 1 only): it gets no bar there.
-        found = [(i, next((s for s in report["results"] if s["system"] == system and s["batch"] == b), None))
+        found = [(i, next((s for s in report.results if s.system == system and s.batch == b), None))
                  for i, b in enumerate(batches)]
         rows = [r for _, r in found if r is not None]
         x = np.array([i for i, r in found if r is not None]) + k * width
         for ax, key in zip(axes, ("decode_ms_per_token", "prefill_ms")):
-            med = [r[key]["median"] for r in rows]
-            err = [[m - r[key]["min"] for m, r in zip(med, rows)], [r[key]["max"] - m for m, r in zip(med, rows)]]
+            med = [getattr(r, key).median for r in rows]
+            err = [[m - getattr(r, key).min for m, r in zip(med, rows)], [getattr(r, key).max - m for m, r in zip(med, rows)]]
             ax.bar(x, med, width, yerr=err, capsize=3, label=system)
-    roof = report["weights"]["roof_ms_per_token"]
+    roof = report.weights.roof_ms_per_token
     axes[0].axhline(roof, color="black", linestyle="--", linewidth=1, label=f"our memory roof ({roof:.1f} ms)")
     for ax, title in zip(axes, ("decode ms / token (lower is better)", "prefill ms (lower is better)")):
         ax.set_xticks(np.arange(len(batches)) + width * (len(systems) - 1) / 2, [f"batch {b}" for b in batches])
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    m = report["model"]
-    fig.suptitle(f"{m['family']} {m['layers']}x{m['hidden']} ({report['precision']}), prompt {report['config']['prompt']}, "
-                 f"{report['config']['new_tokens']} new tokens, median of {report['config']['repeat']} (bars: min-max)")
+    m, c = report.model, report.config
+    fig.suptitle(f"{m.family} {m.layers}x{m.hidden} ({report.precision}), prompt {c.prompt}, "
+                 f"{c.new_tokens} new tokens, median of {c.repeat} (bars: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_json(path: Path, report: dict) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+def write_json(path: Path, report: BenchReport) -> None:
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

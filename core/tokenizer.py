@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import TokenizerError, UsageError
+from neodeploy.core.errors import TokenizerError, UsageError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' own file for a template kept apart from tokenizer_config
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",

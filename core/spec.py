@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import ConfigError
+from neodeploy.core.errors import ConfigError
 
 FAMILIES = ("gpt_neo", "gpt_neox")
 # Three different formulas, plus torch's tanh gelu which some derivatives name explicitly.

@@ -16,11 +16,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from neodeploy.errors import ArtifactError, UsageError
-from neodeploy.files import link_files, make_temp_dir, publish
+from neodeploy.core.errors import ArtifactError, UsageError
+from neodeploy.core.files import link_files, make_temp_dir, publish
 from neodeploy.profiles import DeploymentProfile, load_profile, trt_profiles
 from neodeploy.runtime.gpu import gpu_info, import_tensorrt
-from neodeploy.runtime.manifest import MANIFEST, Manifest, read_manifest, verify_files, write_manifest
+from neodeploy.core.manifest import MANIFEST, Manifest, read_manifest, verify_files, write_manifest
 
 ENGINE = "model.engine"
 

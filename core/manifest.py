@@ -17,8 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neodeploy.errors import ArtifactError
-from neodeploy.files import sha256
+from neodeploy.core.errors import ArtifactError, ConfigError
+from neodeploy.core.files import sha256
+from neodeploy.core.spec import ModelSpec
 
 MANIFEST = "neodeploy.json"
 FORMAT = "neodeploy-artifact"
@@ -43,12 +44,19 @@ class OnnxGraph:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quantization:
+    method: str  # int8 | int4
+    ops: str | None  # what the quantiser rewrote, e.g. "MatMul -> MatMulNBits"
+    data: dict[str, Any]  # the section as written (block size, head bits, counts), for writing an updated copy
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     folder: Path
     data: dict[str, Any]  # the JSON as read, for inspect and for writing an updated copy
-    spec: Any  # ModelSpec
+    spec: ModelSpec
     dtype: str
-    quantization: dict[str, Any] | None
+    quantization: Quantization | None
     max_context: int
     onnx: OnnxGraph
     files: dict[str, str]
@@ -58,7 +66,7 @@ class Manifest:
     @property
     def precision(self) -> str:
         """The label users see and the verification gate that applies: the quantisation if any, else the dtype."""
-        return self.quantization["method"] if self.quantization else self.dtype
+        return self.quantization.method if self.quantization else self.dtype
 
     @property
     def kv_bytes(self) -> int:
@@ -88,16 +96,13 @@ class Manifest:
         fields = {k: v for k, v in self.data.items() if k not in _NOT_FIELDS}
         fields["dtype"] = self.dtype
         if self.quantization:
-            fields["quantization"] = self.quantization
+            fields["quantization"] = self.quantization.data
         return fields
 
     @classmethod
     def from_dict(cls, data: Any, folder: str | Path = ".") -> Manifest:
         """Every field the runtime, check, lint and the TensorRT backend read, by type and range: a hand-edited
         or truncated manifest is one ArtifactError naming the field, never a KeyError or TypeError later."""
-        from neodeploy.errors import ConfigError
-        from neodeploy.reference.spec import ModelSpec
-
         folder = Path(folder)
         path = folder / MANIFEST
         if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -185,7 +190,10 @@ class Manifest:
             for key in ("file", "sha256", "tensorrt_version"):
                 want(engine, key, str, "a string", "engine.")
         want(data, "verification", dict, "an object", default=None)
-        return cls(folder, data, spec, dtype, quantization, max_context,
+        ops = quantization.get("ops") if quantization is not None else None
+        quant = None if quantization is None else Quantization(quantization["method"],
+                                                               ops if isinstance(ops, str) else None, quantization)
+        return cls(folder, data, spec, dtype, quant, max_context,
                    OnnxGraph(names["file"], names["external_data"], opset, target, logits, kv_cache, rotary, fused),
                    files, tokenizer, engine)
 

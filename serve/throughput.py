@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neodeploy.errors import UsageError
+from neodeploy.core.errors import UsageError
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -217,7 +217,7 @@ def _line(r: dict) -> str:
             f"{r['itl_p99_ms']:>7.2f} ms  ({r['requests']} requests, {r['seconds']} s)")
 
 
-def table(report: dict) -> str:
+def throughput_table(report: dict) -> str:
     lines = ["| system | concurrency | tokens/s | × baseline | TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['system']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
