@@ -209,7 +209,9 @@ class DecodeBatch:
             self._rotate(merged, slice(0, n), width - self.width, width, width - self.width)
             self._rotate(merged, slice(n, n + m), width - other.width, width, width - other.width)
             self.state = self.backend.wrap_cache(merged)
-        pad = lambda mask, w: np.concatenate([np.zeros((mask.shape[0], w - mask.shape[1]), np.int64), mask], axis=1)
+        def pad(mask, w):
+            return np.concatenate([np.zeros((mask.shape[0], w - mask.shape[1]), np.int64), mask], axis=1)
+
         self.mask = np.concatenate([pad(self.mask, width), pad(other.mask, width)], axis=0)
         self.lengths = np.concatenate([self.lengths, other.lengths])
 

@@ -28,6 +28,26 @@ from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.core.manifest import Manifest, read_verified
 
 
+class _Pinned:
+    """Page-locked host memory (faster, asynchronous device-to-host copies); pageable numpy as a fallback."""
+
+    def __init__(self, cuda, count: int):
+        self.cuda, self.ptr = cuda, ctypes.c_void_p()
+        handle = cuda.wrapper().handle
+        # c_size_t: a bare Python int would be truncated to 32 bits by ctypes.
+        if hasattr(handle, "cudaMallocHost") and handle.cudaMallocHost(ctypes.byref(self.ptr), ctypes.c_size_t(count * 4)) == 0:
+            self.array = np.ctypeslib.as_array((ctypes.c_float * count).from_address(self.ptr.value))
+        else:
+            self.ptr = None
+            self.array = np.empty(count, np.float32)
+
+    def close(self):
+        if self.ptr:
+            self.cuda.wrapper().handle.cudaFreeHost(self.ptr)
+            self.ptr = None
+
+    __del__ = close
+
 
 def cuda_runtime():
     """Polygraphy's CUDA module with its libcudart loaded: a missing runtime is one line saying what to install."""

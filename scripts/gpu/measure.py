@@ -11,7 +11,6 @@ at the end): GPU time is short, and one failing step must not cost the figures o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
