@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from neodeploy.reference import preset
+from processes import alive, cli, cmdline, descendants, free_port  # noqa: F401 - shared with the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZERS = ROOT.parent / "shared" / "data" / "tokenizers"
@@ -144,40 +145,6 @@ def drifted_copy(artifact: Path, dest: Path) -> Path:
 
 # ------------------------------------------------------------------ processes, for the kill tests (Linux /proc)
 
-def descendants(pid: int) -> set[int]:
-    """Every process below pid (children of children included), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            return f.read().replace("\0", " ")
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------ the served artifact (tests/test_serve*.py)
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -239,14 +206,6 @@ def serving(artifact, key, *flags):
         proc.wait(10)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(artifact, key, *flags):
     """`neodeploy serve ARTIFACT` as a subprocess on a free loopback port, model name "tiny", API key `key`."""
     import subprocess
@@ -280,3 +239,22 @@ def wait_ready(proc, url, timeout=120):
             pass
         time.sleep(0.1)
     raise AssertionError(f"server not ready within {timeout} s: {seen[-3:]}")
+
+
+def plain_and_fused(spec, dtype=None, **fused_options):
+    """Two copies of one random model (seed 0, std 0.1): the reference as it is, and one whose attention is the fused
+    op the CPU and CUDA targets export (use_fused_attention(max_positions, **fused_options))."""
+    import torch
+
+    from neodeploy.reference import build_model
+
+    torch.manual_seed(0)
+    plain = build_model(spec).eval()
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    fused = build_model(spec).eval()
+    fused.load_state_dict(plain.state_dict())
+    if dtype is not None:
+        plain, fused = plain.to(dtype), fused.to(dtype)
+    fused.use_fused_attention(spec.max_positions, **fused_options)
+    return plain, fused

@@ -12,6 +12,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from processes import descendants
+
 
 def loopback_up() -> None:
     """`ip link set lo up` without iproute2 (a fresh network namespace starts with lo down)."""
@@ -20,24 +22,6 @@ def loopback_up() -> None:
         req = struct.pack("16sh", b"lo", 0)
         flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, req))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
-
-
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def main(artifact: str, prompts_file: str, in_namespace: bool, drifted: str) -> None:

@@ -4,12 +4,11 @@ No timing assertions: speed claims come from bench runs, not tests."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from conftest import tiny_neox
+from conftest import cli, tiny_neox
 from neodeploy import speed as bench_module
 from neodeploy.core.errors import UsageError
 
@@ -68,9 +67,8 @@ def test_bench_report_schema_and_skips(pair, monkeypatch, tmp_path):
 
 def test_bench_cli_writes_json_and_refuses_bad_arguments(pair, tmp_path):
     _, art = pair
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "bench", str(art), "--compare", "reference",
-                           "--prompt", "8", "--new-tokens", "3", "--repeat", "1", "--json", str(tmp_path / "b.json")],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("bench", art, "--compare", "reference", "--prompt", 8, "--new-tokens", 3, "--repeat", 1,
+               "--json", tmp_path / "b.json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "b.json").read_text())["config"] == {"batches": [1], "prompt": 8, "new_tokens": 3,
                                                                        "repeat": 1, "threads": bench_module.cores()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -11,15 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_load, tiny_neox
+from conftest import cli, hf_load, tiny_neox
 
 
-def run(*args, check=True, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+run = functools.partial(cli, check=True)  # these tests expect success unless they say check=False
 
 
 def test_make_checkpoint_and_reference_match_transformers_generate(tmp_path):

@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 from typing import Annotated, Literal
 
 import httpx
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from conftest import serving
+from conftest import cli, serving
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -184,7 +182,7 @@ def test_a_chat_template_is_shipped_by_export_and_named_where_it_is_missing(serv
     manifest = read_manifest(art)
     assert manifest.files["chat_template.jinja"] == sha256(art / "chat_template.jinja")
     assert (art / "chat_template.jinja").read_text() == CHATML
-    inspect = subprocess.run([sys.executable, "-m", "neodeploy", "inspect", str(art)], capture_output=True, text=True)
+    inspect = cli("inspect", art)
     assert "yes (chat_template.jinja)" in inspect.stdout
 
     bare = tmp_path / "bare"
@@ -195,7 +193,7 @@ def test_a_chat_template_is_shipped_by_export_and_named_where_it_is_missing(serv
     data = json.loads((bare / "neodeploy.json").read_text())
     data["files"]["tokenizer_config.json"] = sha256(bare / "tokenizer_config.json")
     (bare / "neodeploy.json").write_text(json.dumps(data))
-    inspect = subprocess.run([sys.executable, "-m", "neodeploy", "inspect", str(bare)], capture_output=True, text=True)
+    inspect = cli("inspect", bare)
     assert "none: /v1/chat/completions answers 400" in inspect.stdout
 
     options = ServeOptions(bare, "tiny", skip_check=True)

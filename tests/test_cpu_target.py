@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from conftest import tiny_neo, tiny_neox
+from conftest import plain_and_fused, tiny_neo, tiny_neox
 from neodeploy.export import export
 from neodeploy.export.graph import input_names
-from neodeploy.reference import build_model, load_checkpoint, make_checkpoint
+from neodeploy.reference import load_checkpoint, make_checkpoint
 from neodeploy.reference.generate import greedy_generate
 from neodeploy.runtime import load
 from neodeploy.runtime.backend import InPlaceCache
@@ -43,13 +43,7 @@ def test_fused_op_in_eager_mode_equals_the_reference(name):
     """The op's own math (bias instead of a boolean mask, rotary at the cache index) against the reference, on a
     left-padded batch with a cache: what GroupQueryAttention is then verified against at export."""
     spec = SPECS[name]()
-    torch.manual_seed(0)
-    plain = build_model(spec).eval()
-    for p in plain.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    fused = build_model(spec).eval()
-    fused.load_state_dict(plain.state_dict())
-    fused.use_fused_attention(spec.max_positions)
+    plain, fused = plain_and_fused(spec)
     ids, mask = left_pad(PROMPTS, 0)
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     pos = torch.from_numpy(position_ids(mask.numpy()))

@@ -14,11 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import tiny_neo, tiny_neox
+from conftest import plain_and_fused, tiny_neo, tiny_neox
 from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.export import export
 from neodeploy.export.cuda import copy_rows_graph
-from neodeploy.reference import build_model
 from neodeploy.runtime import load
 from neodeploy.runtime.aligned import COPY_ROWS_GRAPH, AlignedBatch, align_left, lengths_mask
 from neodeploy.runtime.engine import Engine, EngineConfig
@@ -51,14 +50,7 @@ def test_lengths_op_in_eager_mode_equals_the_reference(name, dtype):
     """The kernel's contract in PyTorch, fed right-padded rows, against the reference fed left-padded ones: prefill
     of a padded batch, then decode steps writing each row's token at its own length."""
     spec = SPECS[name]()
-    torch.manual_seed(0)
-    plain = build_model(spec).eval()
-    for p in plain.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    fused = build_model(spec).eval()
-    fused.load_state_dict(plain.state_dict())
-    plain, fused = plain.to(dtype), fused.to(dtype)
-    fused.use_fused_attention(spec.max_positions, by_lengths=True)
+    plain, fused = plain_and_fused(spec, dtype, by_lengths=True)
     ids, mask = left_pad(PROMPTS, 0)
     right_ids, right_mask = align_left(ids, mask)
     lengths = mask.sum(1)

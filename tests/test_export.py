@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from conftest import tiny_neo, tiny_neox
+from conftest import cli, tiny_neo, tiny_neox
 from neodeploy.core.errors import ExportError, UsageError, VerificationError
 from neodeploy.core.files import sha256
 from neodeploy.core.manifest import read_manifest
@@ -229,15 +227,13 @@ def test_cli_export_errors_exit_2(tmp_path):
         ((ckpt, ckpt), "already exists"),
         ((tmp_path / "missing", tmp_path / "d"), "does not exist"),
     ):
-        proc = subprocess.run([sys.executable, "-m", "neodeploy", "export", *map(str, args)], capture_output=True,
-                              text=True, timeout=120)
+        proc = cli("export", *args, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     (ckpt / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "dynamic", "factor": 2.0},
                                                   "model_type": "gpt_neox", "num_hidden_layers": 2,
                                                   "num_attention_heads": 4}))
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "export", str(ckpt), str(tmp_path / "e")],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("export", ckpt, tmp_path / "e", timeout=120)
     assert proc.returncode == 2 and "'dynamic'" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import cli
 
 from neodeploy.export import memory
 from neodeploy.core.spec import preset
@@ -56,11 +57,9 @@ def test_export_peak_memory_of_the_process_tree_stays_within_the_stated_bound(wi
 
 
 def test_the_export_refuses_up_front_when_the_machine_has_too_little_memory(wide, tmp_path):
-    import subprocess
 
     spec, ckpt = wide
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "export", str(ckpt), str(tmp_path / "art"),
-                           "--max-memory", "1GB"], capture_output=True, text=True, timeout=120)
+    proc = cli("export", ckpt, tmp_path / "art", "--max-memory", "1GB", timeout=120)
     assert proc.returncode == 2 and "needs about 1.8 GB" in proc.stderr and "--max-memory is 1.0 GB" in proc.stderr
     assert not (tmp_path / "art").exists() and not list(tmp_path.iterdir())
     from neodeploy.core.errors import ExportError

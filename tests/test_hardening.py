@@ -3,6 +3,8 @@ read from outside the artifact folder."""
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -13,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import alive, cmdline, descendants, tiny_neox
+from conftest import alive, cli, cmdline, descendants, tiny_neox
 from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.core.files import sha256
 from neodeploy.runtime import load
@@ -89,9 +91,7 @@ def test_generation_inputs_are_refused_not_coerced(exported, kwargs, match):
     assert model.generate(np.array([1, 2]), max_new_tokens=2)[0].output_ids  # still usable
 
 
-def _cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "neodeploy", *map(str, args)], capture_output=True, text=True,
-                          timeout=120, input=stdin)
+_cli = functools.partial(cli, timeout=120)
 
 
 def test_cli_noise_pipes_and_files_where_folders_belong(exported, tmp_path):

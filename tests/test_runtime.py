@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_neo, tiny_neox
+from conftest import ROOT, cli, tiny_neo, tiny_neox
 from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.model import Model, SamplingParams, sampling_distribution
@@ -308,9 +310,7 @@ def test_check_passes_then_catches_a_perturbed_weight(pair, tmp_path):
     assert any("max |Δlogit|" in f for r in results for f in r.failures)
 
 
-def _cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "neodeploy", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=120)
+_cli = functools.partial(cli, timeout=120)
 
 
 def test_cli_generate_check_and_reports(pair, tmp_path):

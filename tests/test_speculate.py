@@ -6,13 +6,10 @@ bounded number of wide calls; and what cannot speculate is refused in one line."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_neo, tiny_neox
+from conftest import cli, tiny_neo, tiny_neox
 from neodeploy.core.errors import UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.batch import DecodeBatch
@@ -235,8 +232,7 @@ def test_the_cli_speculates_and_refuses_a_bad_count(exported):
     prompt = " ".join(str(t) for t in _repetitive_prompts(seed=3, count=1)[0])
 
     def generate(*flags):
-        return subprocess.run([sys.executable, "-m", "neodeploy", "generate", str(art), prompt, "--ids",
-                               "--max-new-tokens", "20", *flags], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        return cli("generate", art, prompt, "--ids", "--max-new-tokens", 20, *flags, timeout=120)
 
     plain, fast = generate(), generate("--speculate", "ngram", "--speculate-tokens", "3")
     assert plain.returncode == fast.returncode == 0 and fast.stdout == plain.stdout and plain.stdout.strip()

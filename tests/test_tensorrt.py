@@ -6,12 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import tiny_neo, tiny_neox
+from conftest import cli, tiny_neo, tiny_neox
 from neodeploy.profiles import ProfileError, load_profile, shipped, trt_profiles
 
 
@@ -80,8 +78,7 @@ def fp16_artifact(request, exported):
 
 
 def test_lint_passes_on_fp16_exports_for_every_shipped_profile(fp16_artifact):
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(fp16_artifact)], capture_output=True,
-                          text=True, timeout=600)
+    proc = cli("lint", fp16_artifact, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert len(re.findall(r"^operators\s+ok", out, re.M)) == 3 and len(re.findall(r"^shapes\s+ok", out, re.M)) == 3
@@ -112,16 +109,14 @@ def test_lint_catches_what_tensorrt_cannot_build(fp16_artifact, tmp_path):
     model.graph.node.append(onnx.helper.make_node("MatMul", [ids, ids], ["ids_squared"], name="int_matmul"))
     types = check_op_types(model)
     assert not types.passed and "MatMul on INT64" in types.detail
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
-                          capture_output=True, text=True, timeout=600)
+    proc = cli("lint", bad, "--profile", "chat", timeout=600)
     assert proc.returncode == 2 and "does not match its sha256" in proc.stderr  # an edited graph is caught first
     from neodeploy.core.files import sha256
 
     manifest = json.loads((bad / "neodeploy.json").read_text())
     manifest["files"]["model.onnx"] = sha256(bad / "model.onnx")  # as if it had been exported so
     (bad / "neodeploy.json").write_text(json.dumps(manifest))
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "lint", str(bad), "--profile", "chat"],
-                          capture_output=True, text=True, timeout=600)
+    proc = cli("lint", bad, "--profile", "chat", timeout=600)
     assert proc.returncode == 1 and "lint FAILED" in proc.stdout
 
 
@@ -227,8 +222,7 @@ def test_build_engine_without_tensorrt_exits_2(fp16_artifact):
     if _has_tensorrt_and_gpu() is None:
         pytest.skip("TensorRT and a GPU are present here; this test covers machines without them")
     before = json.loads((fp16_artifact / "neodeploy.json").read_text())
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "build-engine", str(fp16_artifact), "--profile", "edge"],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("build-engine", fp16_artifact, "--profile", "edge", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "TensorRT" in proc.stderr and "Traceback" not in proc.stderr
     if importlib.util.find_spec("tensorrt") is None:  # the message names exactly what is missing
@@ -254,8 +248,7 @@ def test_engine_build_generate_and_check_on_gpu(fp16_artifact, tmp_path):  # pra
     art = tmp_path / "art"
     shutil.copytree(fp16_artifact, art)
     # batch: up to 16 sequences and 512-token prompts, so the golden cases (batch 3, 300 tokens) fit.
-    proc = subprocess.run([sys.executable, "-m", "neodeploy", "build-engine", str(art), "--profile", "batch",
-                           "--timing-cache", str(tmp_path / "timing.cache")], capture_output=True, text=True, timeout=3600)
+    proc = cli("build-engine", art, "--profile", "batch", "--timing-cache", tmp_path / "timing.cache", timeout=3600)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((art / "neodeploy.json").read_text())
     assert manifest["engine"]["profile"]["name"] == "batch" and (tmp_path / "timing.cache").is_file()
