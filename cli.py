@@ -415,7 +415,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     concurrency = _int_list(args.concurrency)
     report = throughput.bench_serve(args.artifact, args.url, args.model_name, args.api_key, concurrency, args.requests,
                                     args.prompt, args.new_tokens, not args.no_baseline, args.max_running,
-                                    workload=args.workload, prefix_len=args.prefix)
+                                    workload=args.workload, prefix_len=args.prefix, compare=tuple(args.compare))
     print(throughput.throughput_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -706,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per request")
     p.add_argument("--max-running", type=int, help="the started server's --max-running (default: the top concurrency)")
     p.add_argument("--no-baseline", action="store_true", help="skip the Model.generate threads baseline")
+    p.add_argument("--compare", action="append", default=[], choices=["vllm"], help="also measure vLLM's CPU server "
+                   "on the artifact's checkpoint, alternating with ours (set up once with shared/tools/"
+                   "vllm-cpu-peer.sh; skipped, saying why, where it is not)")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="write a PNG chart here")
     p.set_defaults(func=cmd_bench_serve)

@@ -3,7 +3,10 @@
 Generated tokens/s, time to first token and inter-token latency (p50 / p99) per concurrency, against our own
 server (started here on 127.0.0.1 unless --url names one: llama.cpp's server or any other peer is measured with
 the same client), and, in the same alternating run, the baseline: the same requests as concurrent threads
-calling `Model.generate` on one loaded model (what embedding the runtime did before the engine).
+calling `Model.generate` on one loaded model (what embedding the runtime did before the engine). `--compare vllm`
+adds vLLM's CPU server on the artifact's own checkpoint, started through its peer script and measured with the
+same client on the same requests, alternating with ours level by level (skipped, with the reason, where the peer is
+not set up or cannot serve the model).
 """
 
 from __future__ import annotations
@@ -118,27 +121,85 @@ def _free_port() -> int:
 
 
 def _start_server(artifact: Path, max_running: int, max_waiting: int, echo) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "neodeploy", "serve", str(artifact), "--port", str(port),
                              "--max-running", str(max_running), "--max-waiting", str(max_waiting),
                              "--model-name", "bench"], stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if k != "NEODEPLOY_API_KEY"})
-    url = f"http://127.0.0.1:{port}"
+    return proc, _wait_ready(proc, f"http://127.0.0.1:{port}", "the server", echo)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, what: str, echo, log: Path | None = None) -> str:
+    """url once its /health answers 200; a process that exits first is one line with the last line it wrote."""
+    import httpx
+
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise UsageError(f"the server exited ({proc.returncode}): {proc.stderr.read().strip().splitlines()[-1:]}")
+            said = log.read_text(errors="replace") if log is not None else (proc.stderr.read() or "")
+            raise UsageError(f"{what} exited ({proc.returncode}): {said.strip().splitlines()[-1:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                echo(f"server ready at {url}")
-                return proc, url
+                echo(f"{what} ready at {url}")
+                return url
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.5)
     proc.kill()
-    raise UsageError("the server did not become ready within 600 s")
+    raise UsageError(f"{what} did not become ready within 600 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+PEERS = ("vllm",)
+# vLLM's CPU build is set up once by the repository's peer script (a 3.5 GB environment, never a dependency).
+VLLM_PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "tools" / "vllm-cpu-peer.sh"
+
+
+def vllm_peer(artifact: Path) -> tuple[list[str] | None, str]:
+    """(the command that serves the artifact's checkpoint with vLLM on port {port}, or None, and why not)."""
+    from neodeploy.core.manifest import read_manifest
+
+    script = Path(os.environ.get("NEODEPLOY_VLLM_PEER", VLLM_PEER_SCRIPT))
+    cache = Path(os.environ.get("NEODEPLOY_CACHE", Path.home() / ".cache" / "neodeploy"))
+    if not script.is_file() or not (cache / "vllm-cpu-peer" / "venv" / "bin" / "python").is_file():
+        return None, (f"its peer is not set up: run `bash {script} setup` once (or point NEODEPLOY_VLLM_PEER at "
+                      "vllm-cpu-peer.sh)")
+    manifest = read_manifest(artifact)
+    if manifest.spec.family != "gpt_neox":
+        return None, "vLLM has no GPT-Neo"
+    source = json.loads((artifact / "neodeploy.json").read_text()).get("source") or {}
+    checkpoint = Path(source.get("checkpoint", "")) if isinstance(source, dict) else Path()
+    if not (checkpoint / "config.json").is_file():
+        return None, f"the artifact's checkpoint ({checkpoint}) is not on this machine"
+    try:
+        tokenizer_class = json.loads((checkpoint / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        tokenizer_class = None
+    if not tokenizer_class:
+        return None, (f"vLLM loads the tokenizer with transformers: {checkpoint}/tokenizer_config.json needs a "
+                      "tokenizer_class (e.g. GPTNeoXTokenizer)")
+    return ["bash", str(script), "serve", str(checkpoint), "{port}"], ""
+
+
+def _start_vllm(command: list[str], max_running: int, echo) -> tuple[subprocess.Popen, str, str]:
+    import tempfile
+
+    port = _free_port()
+    argv = [part.replace("{port}", str(port)) for part in command] + ["--max-num-seqs", str(max_running)]
+    # Its log goes to a file: vLLM writes a lot, and a pipe nobody reads would stall it.
+    log = Path(tempfile.mkstemp(prefix="neodeploy-vllm-", suffix=".log")[1])
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, text=True)
+    echo(f"vLLM starting (log: {log})")
+    url = _wait_ready(proc, f"http://127.0.0.1:{port}", "vLLM", echo, log)
+    return proc, url, _served_model(url, None)
 
 
 PROMPT_VOCAB = 50000  # prompt ids are drawn from [1, 50000) whatever serves them: every system gets the same requests
@@ -163,7 +224,7 @@ def request_set(workload: str, requests: int, prompt_len: int, prefix_len: int, 
 def bench_serve(artifact: str | Path | None, url: str | None = None, model_name: str | None = None,
                 api_key: str | None = None, concurrency: list[int] = (1, 4, 8, 16), requests: int = 64,
                 prompt_len: int = 128, new_tokens: int = 64, baseline: bool = True, max_running: int | None = None,
-                echo=print, workload: str = "random", prefix_len: int = 512) -> dict:
+                echo=print, workload: str = "random", prefix_len: int = 512, compare: tuple[str, ...] = ()) -> dict:
     from neodeploy.runtime import load
 
     if not artifact and not url:
@@ -176,32 +237,46 @@ def bench_serve(artifact: str | Path | None, url: str | None = None, model_name:
         raise UsageError(f"prompt {total} + new tokens {new_tokens} exceed the artifact's context {model.max_context}")
     prompts = request_set(workload, requests, prompt_len, prefix_len, model.vocab_size if model else PROMPT_VOCAB,
                           model.eos_token_id if model else None)
-    proc = None
-    if url is None:
-        proc, url = _start_server(Path(artifact), max_running or max(concurrency), requests, echo)
-        model_name = "bench"
-    else:
-        served = _served_model(url, api_key)
-        model_name = model_name or served
+    unknown = [p for p in compare if p not in PEERS]
+    if unknown or (compare and not artifact):
+        raise UsageError(f"--compare takes {', '.join(PEERS)} with an ARTIFACT (its checkpoint is what the peer serves)"
+                         + (f", not {unknown[0]!r}" if unknown else ""))
+    skipped, vllm_command = {}, None
+    if "vllm" in compare:
+        vllm_command, why = vllm_peer(Path(artifact))
+        if vllm_command is None:
+            skipped["vllm"] = why
+            echo(f"vllm: skipped, {why}")
+    processes, slots = [], max_running or max(concurrency)
     rows = []
     try:
-        run_server_level(url, model_name, prompts[:2], 4, 2, api_key)  # warm-up
-        for c in concurrency:
-            rows.append(run_server_level(url, model_name, prompts, new_tokens, c, api_key))
-            echo(_line(rows[-1]))
+        if url is None:
+            proc, url = _start_server(Path(artifact), slots, requests, echo)
+            processes.append(proc)
+            model_name = "bench"
+        else:
+            model_name = model_name or _served_model(url, api_key)
+        systems = [("server", url, model_name, api_key)]
+        if vllm_command is not None:
+            proc, peer_url, peer_model = _start_vllm(vllm_command, slots, echo)
+            processes.append(proc)
+            systems.append(("vllm", peer_url, peer_model, None))
+        for _, system_url, system_model, key in systems:
+            run_server_level(system_url, system_model, prompts[:2], 4, 2, key)  # warm-up
+        for level, c in enumerate(concurrency):
+            order = systems if level % 2 == 0 else systems[::-1]  # alternate who goes first
+            for name, system_url, system_model, key in order:
+                rows.append({**run_server_level(system_url, system_model, prompts, new_tokens, c, key), "system": name})
+                echo(_line(rows[-1]))
             if baseline and model is not None:
                 rows.append(run_baseline_level(model, prompts, new_tokens, c))
                 echo(_line(rows[-1]))
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc in processes:
+            _stop(proc)
     load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
     report = {"artifact": str(artifact) if artifact else None, "url": url, "requests": requests, "workload": workload,
-              "prompt": total, "new_tokens": new_tokens, "load_average": load_avg, "rows": rows}
+              "prompt": total, "new_tokens": new_tokens, "load_average": load_avg, "rows": rows, "skipped": skipped}
     for c in concurrency:
         server = next((r for r in rows if r["system"] == "server" and r["concurrency"] == c), None)
         base = next((r for r in rows if r["system"] == "baseline" and r["concurrency"] == c), None)
@@ -232,7 +307,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for system in ("server", "baseline"):
+    for system in ("server", "vllm", "baseline"):
         rows = [r for r in report["rows"] if r["system"] == system]
         if rows:
             xs = [r["concurrency"] for r in rows]

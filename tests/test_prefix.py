@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_neo, tiny_neox
+from neodeploy.core.errors import UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.engine import Engine, EngineConfig, parse_prefix_cache
 from neodeploy.runtime.prefix import BLOCK, PrefixCache
@@ -128,6 +129,36 @@ def test_bench_serve_request_sets_are_the_same_for_every_system():
     shared = request_set("shared-prefix", 4, 16, 512, 50304, 0)
     assert all(len(p) == 528 and p[:512] == shared[0][:512] for p in shared) and len({tuple(p[512:]) for p in shared}) == 4
 
+
+
+def test_bench_serve_compares_with_vllm_only_where_its_peer_can_serve_and_says_why_not(exported, tmp_path, monkeypatch):
+    """--compare vllm: skipped with the reason (the peer is not set up; GPT-Neo; a checkpoint without the
+    tokenizer_class vLLM's transformers tokenizer needs), and the command is the peer script's serve otherwise."""
+    from neodeploy.serve.throughput import bench_serve, vllm_peer
+
+    neox = exported("prefix-gpt_neox", tiny_neox())[1]
+    monkeypatch.setenv("NEODEPLOY_VLLM_PEER", str(tmp_path / "missing.sh"))
+    command, why = vllm_peer(neox)
+    assert command is None and "not set up" in why and "setup" in why
+    script, cache = tmp_path / "vllm-cpu-peer.sh", tmp_path / "cache"
+    script.write_text("exit 2\n")
+    (cache / "vllm-cpu-peer" / "venv" / "bin").mkdir(parents=True)
+    (cache / "vllm-cpu-peer" / "venv" / "bin" / "python").write_text("")
+    monkeypatch.setenv("NEODEPLOY_VLLM_PEER", str(script))
+    monkeypatch.setenv("NEODEPLOY_CACHE", str(cache))
+    assert "no GPT-Neo" in vllm_peer(exported("prefix-gpt_neo", tiny_neo())[1])[1]
+    command, why = vllm_peer(neox)  # the byte tokenizer's config names its class
+    checkpoint = exported("prefix-gpt_neox", tiny_neox())[0]
+    assert command == ["bash", str(script), "serve", str(checkpoint.resolve()), "{port}"] and why == ""
+    config = (checkpoint / "tokenizer_config.json").read_text()
+    (checkpoint / "tokenizer_config.json").write_text("{}")
+    try:
+        command, why = vllm_peer(neox)
+    finally:
+        (checkpoint / "tokenizer_config.json").write_text(config)
+    assert command is None and "tokenizer_class" in why
+    with pytest.raises(UsageError, match="--compare takes vllm"):
+        bench_serve(None, url="http://127.0.0.1:1", compare=("vllm",))
 
 
 def test_the_serve_gate_runs_the_golden_prompts_through_the_engine_and_refuses_a_drift(exported, monkeypatch):
