@@ -12,6 +12,7 @@ from neodeploy import __version__
 from neodeploy.core.errors import NeodeployError, UsageError
 from neodeploy.demo import DemoOptions, run_demo
 from neodeploy.export import memory as export_memory
+from neodeploy.export.options import ExportOptions
 from neodeploy.core.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
 from neodeploy.core.tokenizer import chat_template_option
 
@@ -252,26 +253,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
 
     int4 = {name: value for name, value in (("block_size", args.block_size), ("head_bits", args.head_bits))
-            if value is not None}  # what the user gave; export's defaults for the rest
+            if value is not None}  # what the user gave; ExportOptions' defaults for the rest
     if int4 and args.quantize != "int4":
         flag = "--" + next(iter(int4)).replace("_", "-")
         raise UsageError(f"{flag} applies to --quantize int4 only; drop it or add --quantize int4")
-    export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite, quantize=args.quantize, target=args.target, **int4,
-           logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"),
-           chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
+    options = ExportOptions(precision=args.precision, opset=args.opset, max_context=args.max_context,
+                            overwrite=args.overwrite, quantize=args.quantize, target=args.target, logits=args.logits,
+                            reuse_reference=not args.no_reference_cache, max_memory=args.max_memory, **int4,
+                            chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
+    export(args.checkpoint, args.out_dir, options)
     return 0
-
-
-def _size(text: str | None, flag: str) -> int | None:
-    from neodeploy.core.files import parse_size
-
-    if text is None:
-        return None
-    size = parse_size(text)
-    if size is None or size < 1:
-        raise UsageError(f"{flag} {text!r} is not a size; give one with its unit, e.g. 32GB or 24GiB")
-    return size
 
 
 def _read_prompts(items: list[str]) -> list[str]:
