@@ -13,6 +13,8 @@ from neodeploy.core.errors import NeodeployError, UsageError
 from neodeploy.demo import DemoOptions, run_demo
 from neodeploy.export import memory as export_memory
 from neodeploy.export.options import ExportOptions
+from neodeploy.runtime.engine import EngineConfig
+from neodeploy.serve.options import ServeOptions
 from neodeploy.core.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
 from neodeploy.core.tokenizer import chat_template_option
 
@@ -362,24 +364,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     try:
-        from neodeploy.serve import ServeOptions, run
+        from neodeploy.serve import run
     except ImportError as exc:
         raise UsageError(f"neodeploy serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
     from neodeploy.core.manifest import read_manifest
-    from neodeploy.runtime.engine import EngineConfig, parse_kv_budget
+    from neodeploy.runtime.engine import parse_kv_budget
 
     manifest = read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
     # Parsed once, here, into tokens (a bad size fails before the server starts); the engine takes the count.
     kv_budget = parse_kv_budget(args.kv_budget, manifest)
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
                           prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
                           speculate=_draft_option(args.speculate, args.ray), speculate_tokens=args.speculate_tokens)
-    api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
-    options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
-                           config, args.skip_check, args.backend, args.grace_period,
+    options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name,
+                           args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None, config, args.skip_check,
+                           args.backend, args.grace_period, host=args.host, port=args.port,
                            allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts else None,
                            cors_origins=tuple(o for o in (args.cors_origin or []) if o),
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
@@ -389,13 +389,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         from neodeploy.serve import ray as ray_serve
 
-        scaling = ray_serve.Scaling(args.replicas or 1, ray_serve.parse_autoscale(args.autoscale), args.cpus_per_replica)
-        if args.replicas and args.autoscale:
-            raise UsageError("give --replicas or --autoscale, not both")
-        return ray_serve.run(options, scaling, args.host, args.port, args.address)
-    if args.replicas or args.autoscale or args.address or args.cpus_per_replica:
+        scaling = ray_serve.Scaling(args.replicas, ray_serve.parse_autoscale(args.autoscale), args.cpus_per_replica)
+        return ray_serve.run(options, scaling, args.address)
+    if args.replicas is not None or args.autoscale or args.address or args.cpus_per_replica:
         raise UsageError("--replicas, --autoscale, --address and --cpus-per-replica need --ray")
-    return run(options, args.host, args.port)
+    return run(options)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
