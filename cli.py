@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -12,6 +13,11 @@ from neodeploy import __version__
 from neodeploy.core.errors import NeodeployError, UsageError
 from neodeploy.demo import DemoOptions, run_demo
 from neodeploy.export import memory as export_memory
+from neodeploy.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS, ExportOptions
+from neodeploy.runtime.backend import BACKENDS
+from neodeploy.runtime.engine import EngineConfig
+from neodeploy.runtime.sampling import SamplingParams
+from neodeploy.serve.options import ServeOptions
 from neodeploy.core.spec import PRESETS, ModelSpec, human_bytes, human_count, load_spec, preset
 from neodeploy.core.tokenizer import chat_template_option
 
@@ -252,26 +258,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from neodeploy.export import export
 
     int4 = {name: value for name, value in (("block_size", args.block_size), ("head_bits", args.head_bits))
-            if value is not None}  # what the user gave; export's defaults for the rest
+            if value is not None}  # what the user gave; ExportOptions' defaults for the rest
     if int4 and args.quantize != "int4":
         flag = "--" + next(iter(int4)).replace("_", "-")
         raise UsageError(f"{flag} applies to --quantize int4 only; drop it or add --quantize int4")
-    export(args.checkpoint, args.out_dir, precision=args.precision, opset=args.opset, max_context=args.max_context,
-           overwrite=args.overwrite, quantize=args.quantize, target=args.target, **int4,
-           logits=args.logits, reuse_reference=not args.no_reference_cache, max_memory=_size(args.max_memory, "--max-memory"),
-           chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
+    options = ExportOptions(precision=args.precision, opset=args.opset, max_context=args.max_context,
+                            overwrite=args.overwrite, quantize=args.quantize, target=args.target, logits=args.logits,
+                            reuse_reference=not args.no_reference_cache, max_memory=args.max_memory, **int4,
+                            chat_template=chat_template_option(args.chat_template) if args.chat_template else None)
+    export(args.checkpoint, args.out_dir, options)
     return 0
-
-
-def _size(text: str | None, flag: str) -> int | None:
-    from neodeploy.core.files import parse_size
-
-    if text is None:
-        return None
-    size = parse_size(text)
-    if size is None or size < 1:
-        raise UsageError(f"{flag} {text!r} is not a size; give one with its unit, e.g. 32GB or 24GiB")
-    return size
 
 
 def _read_prompts(items: list[str]) -> list[str]:
@@ -327,12 +323,6 @@ def _draft_option(value: str | None, absolute: bool) -> str | None:
     return str(Path(value).resolve()) if value and value != "ngram" and absolute else value
 
 
-def _speculate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculate", metavar="ngram|DRAFT", help="speculative decoding while a request decodes alone: "
-                   "ngram (prompt lookup) or a draft artifact sharing the tokenizer (exact: the same output as without)")
-    p.add_argument("--speculate-tokens", type=int, default=4, metavar="K", help="tokens drafted per step (default 4)")
-
-
 def _logit_bias(pairs: list[str]) -> dict[int, float]:
     bias = {}
     for pair in pairs:
@@ -371,24 +361,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     try:
-        from neodeploy.serve import ServeOptions, run
+        from neodeploy.serve import run
     except ImportError as exc:
         raise UsageError(f"neodeploy serve needs the serve extra ({exc.name} is missing): pip install 'neodeploy[serve]'") from exc
     from neodeploy.core.manifest import read_manifest
-    from neodeploy.runtime.engine import EngineConfig, parse_kv_budget
+    from neodeploy.runtime.engine import parse_kv_budget
 
     manifest = read_manifest(args.artifact)  # a wrong path fails here, in one line, before the server starts
     # Parsed once, here, into tokens (a bad size fails before the server starts); the engine takes the count.
     kv_budget = parse_kv_budget(args.kv_budget, manifest)
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be in 1..65535, got {args.port}")
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
                           prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
                           speculate=_draft_option(args.speculate, args.ray), speculate_tokens=args.speculate_tokens)
-    api_key = args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None
-    options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name, api_key,
-                           config, args.skip_check, args.backend, args.grace_period,
+    options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name,
+                           args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None, config, args.skip_check,
+                           args.backend, args.grace_period, host=args.host, port=args.port,
                            allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts else None,
                            cors_origins=tuple(o for o in (args.cors_origin or []) if o),
                            header_timeout=args.header_timeout, body_timeout=args.body_timeout,
@@ -398,13 +386,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         from neodeploy.serve import ray as ray_serve
 
-        scaling = ray_serve.Scaling(args.replicas or 1, ray_serve.parse_autoscale(args.autoscale), args.cpus_per_replica)
-        if args.replicas and args.autoscale:
-            raise UsageError("give --replicas or --autoscale, not both")
-        return ray_serve.run(options, scaling, args.host, args.port, args.address)
-    if args.replicas or args.autoscale or args.address or args.cpus_per_replica:
+        scaling = ray_serve.Scaling(args.replicas, ray_serve.parse_autoscale(args.autoscale), args.cpus_per_replica)
+        return ray_serve.run(options, scaling, args.address)
+    if args.replicas is not None or args.autoscale or args.address or args.cpus_per_replica:
         raise UsageError("--replicas, --autoscale, --address and --cpus-per-replica need --ray")
-    return run(options, args.host, args.port)
+    return run(options)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -561,7 +547,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _default(owner, name: str):
+    """A dataclass field's default: argparse shows and uses the value its owner declares."""
+    return next(f.default for f in dataclasses.fields(owner) if f.name == name)
+
+
+def _shared_options() -> dict[str, argparse.ArgumentParser]:
+    """Options several commands take, defined once (argparse parents)."""
+    quiet, backend, speculate = (_Parser(add_help=False) for _ in range(3))
+    quiet.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
+    backend.add_argument("--backend", choices=BACKENDS, help="default: onnxruntime")
+    speculate.add_argument("--speculate", metavar="ngram|DRAFT", help="speculative decoding while a request decodes "
+                           "alone: ngram (prompt lookup) or a draft artifact sharing the tokenizer (exact: the same "
+                           "output as without)")
+    speculate.add_argument("--speculate-tokens", type=int, default=_default(EngineConfig, "speculate_tokens"),
+                           metavar="K", help=f"tokens drafted per step (default {_default(EngineConfig, 'speculate_tokens')})")
+    return {"quiet": quiet, "backend": backend, "speculate": speculate}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    shared = _shared_options()
+    quiet, backend, speculate = shared["quiet"], shared["backend"], shared["speculate"]
     parser = _Parser(prog="neodeploy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neodeploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -575,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the ModelSpec as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("make-checkpoint", help="write a random-initialised checkpoint in Hugging Face layout")
+    p = sub.add_parser("make-checkpoint", parents=[quiet], help="write a random-initialised checkpoint in Hugging Face layout")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("out", help="folder to create")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
@@ -588,7 +594,6 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field in OVERRIDES.items():
         kind = float if field == "rotary_pct" else int
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"override {field}")
-    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_make_checkpoint)
 
     p = sub.add_parser("reference", help="greedy-generate with the PyTorch reference model")
@@ -601,18 +606,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print ids and text as JSON")
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("export", help="export a checkpoint to a verified ONNX artifact folder (KV-cache I/O)")
+    p = sub.add_parser("export", parents=[quiet], help="export a checkpoint to a verified ONNX artifact folder (KV-cache I/O)")
     p.add_argument("checkpoint", help="Hugging Face checkpoint folder (config.json + weights)")
     p.add_argument("out_dir", help="artifact folder to create")
-    p.add_argument("--precision", default="fp32", help="fp32 (default) or fp16 (with fp32 islands)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17..21 (default 18)")
+    p.add_argument("--precision", default=_default(ExportOptions, "precision"), help="fp32 (default) or fp16 (with fp32 islands)")
+    p.add_argument("--opset", type=int, default=_default(ExportOptions, "opset"),
+                   help=f"ONNX opset, {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     p.add_argument("--max-context", type=int, help="longest prompt + generation the artifact serves "
                    "(default: the model's max positions)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
     p.add_argument("--block-size", type=int, help="int4 block size of the layers: 32, 64 (default) or 128")
     p.add_argument("--head-bits", type=int, help="int4's lm_head: 8 (default, 8-bit) or 4")
-    p.add_argument("--target", default="portable", help="portable (default: TensorRT, Optimum, any runtime), cpu "
+    p.add_argument("--target", default=_default(ExportOptions, "target"), help="portable (default: TensorRT, Optimum, any runtime), cpu "
                    "(onnxruntime fusions, last-position logits only) or cuda (fp16, onnxruntime's CUDA "
                    "GroupQueryAttention, rows left-aligned in the cache: docs/gpu.md)")
     p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "
@@ -623,21 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(chat_template.jinja), or chatml for the built-in one (default: the checkpoint's, if any)")
     p.add_argument("--no-reference-cache", action="store_true", help="recompute the reference stage instead of "
                    "reusing it from an earlier export of the same checkpoint ($NEODEPLOY_CACHE/reference)")
-    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="generate text with an exported artifact (no PyTorch needed)")
+    p = sub.add_parser("generate", parents=[backend, speculate], help="generate text with an exported artifact (no PyTorch needed)")
     p.add_argument("artifact")
     p.add_argument("prompt", nargs="+", help="prompts (several run as one batch); - reads one per line from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens reaching this mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty (1: off)")
+    p.add_argument("--max-new-tokens", type=int, default=_default(SamplingParams, "max_new_tokens"), help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=_default(SamplingParams, "temperature"), help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=_default(SamplingParams, "top_k"), help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=_default(SamplingParams, "top_p"), help="sample from the smallest set of tokens reaching this mass")
+    p.add_argument("--repetition-penalty", type=float, default=_default(SamplingParams, "repetition_penalty"), help="transformers' repetition penalty (1: off)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the likeliest (0: off)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (0: off)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2] (0: off)")
+    p.add_argument("--min-p", type=float, default=_default(SamplingParams, "min_p"), help="drop tokens below this share of the likeliest (0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=_default(SamplingParams, "frequency_penalty"), help="OpenAI's, in [-2, 2] (0: off)")
+    p.add_argument("--presence-penalty", type=float, default=_default(SamplingParams, "presence_penalty"), help="OpenAI's, in [-2, 2] (0: off)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS in [-100, 100] to "
                    "token ID's logit (repeatable)")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
@@ -648,41 +653,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="prompts are token ids ('1 2 3'), not text")
     p.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
-    p.add_argument("--backend", default=None, help="onnxruntime (default)")
-    _speculate_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
+    p = sub.add_parser("serve", parents=[speculate, backend], help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
     p.add_argument("artifact")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-running", type=int, default=8, help="sequences decoded together (default 8)")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before 429 (default 64)")
+    p.add_argument("--host", default=_default(ServeOptions, "host"), help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=_default(ServeOptions, "port"), help="TCP port")
+    p.add_argument("--max-running", type=int, default=_default(EngineConfig, "max_running"), help="sequences decoded together (default 8)")
+    p.add_argument("--max-waiting", type=int, default=_default(EngineConfig, "max_waiting"), help="queued requests before 429 (default 64)")
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
                    "default max_context per slot")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (default 256)")
-    p.add_argument("--busy-prefill-chunk", type=int, default=64, help="prompt tokens prefilled per step while others "
+    p.add_argument("--prefill-chunk", type=int, default=_default(EngineConfig, "prefill_chunk"), help="prompt tokens prefilled per step (default 256)")
+    p.add_argument("--busy-prefill-chunk", type=int, default=_default(EngineConfig, "busy_prefill_chunk"), help="prompt tokens prefilled per step while others "
                    "decode (default 64); smaller keeps their token gaps even, larger gives newcomers their first token "
                    "and the batch its throughput sooner")
-    p.add_argument("--prefix-cache", default="auto", metavar="SIZE", help="memory for reusing the KV of shared prompt "
+    p.add_argument("--prefix-cache", default=_default(EngineConfig, "prefix_cache"), metavar="SIZE", help="memory for reusing the KV of shared prompt "
                    "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
-    _speculate_arguments(p)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set NEODEPLOY_API_KEY)")
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")
-    p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--grace-period", type=float, default=_default(ServeOptions, "grace_period"), help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--allowed-hosts", help="comma-separated Host names served (default: loopback names when bound to "
                    "loopback, any otherwise)")
     p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable; "
                    "default: none, CORS off)")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send a request's headers (default 10)")
-    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request's body (default 30)")
-    p.add_argument("--max-connections", type=int, default=1024, help="open connections before 503 (default 1024)")
+    p.add_argument("--header-timeout", type=float, default=_default(ServeOptions, "header_timeout"), help="seconds to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=_default(ServeOptions, "body_timeout"), help="seconds to send a request's body (default 30)")
+    p.add_argument("--max-connections", type=int, default=_default(ServeOptions, "max_connections"), help="open connections before 503 (default 1024)")
     p.add_argument("--chat-template", metavar="FILE|chatml", help="the chat template to serve, instead of the "
                    "artifact's (chatml: the built-in one)")
     p.add_argument("--no-ui", action="store_true", help="no playground page at GET / (default: served)")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], help="default: onnxruntime")
     p.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas each run their own engine")
     p.add_argument("--replicas", type=int, help="with --ray: replicas across the cluster (default 1)")
     p.add_argument("--autoscale", help="with --ray: MIN:MAX replicas, scaled on ongoing requests per replica")
@@ -713,22 +714,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG chart here")
     p.set_defaults(func=cmd_bench_serve)
 
-    p = sub.add_parser("check", help="replay golden.npz with the runtime alone; exit 1 on drift (a CI gate)")
+    p = sub.add_parser("check", parents=[backend], help="replay golden.npz with the runtime alone; exit 1 on drift (a CI gate)")
     p.add_argument("artifact")
-    p.add_argument("--backend", default=None, help="onnxruntime (default)")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--junit", help="write a JUnit XML report here")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("validate", help="runtime vs the PyTorch reference: errors, top-1, greedy prefix, perplexity")
+    p = sub.add_parser("validate", parents=[backend, quiet], help="runtime vs the PyTorch reference: errors, top-1, greedy prefix, perplexity")
     p.add_argument("artifact")
     p.add_argument("--reference", required=True, help="the checkpoint the artifact was exported from")
     p.add_argument("--prompts", help="text file, one prompt per line (default: three built-in prompts)")
     p.add_argument("--steps", type=int, default=32, help="greedy steps per prompt (default 32)")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--layerwise", action="store_true", help="also report the first block whose hidden state drifts")
-    p.add_argument("--backend", default=None, help="onnxruntime (default)")
-    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("build-engine", help="build a TensorRT fp16 engine (two optimisation profiles) into the artifact")
@@ -762,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-polygraphy", action="store_true", help="skip polygraphy's check lint")
     p.set_defaults(func=cmd_lint)
 
-    p = sub.add_parser("demo", help="the main job end to end on a built-in default model (no network, no files)")
+    p = sub.add_parser("demo", parents=[quiet], help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", help="run on a random-initialised published architecture instead of the trained "
                    "byte-level default")
     p.add_argument("--train-steps", type=int, default=DemoOptions.train_steps, help="train the default model anew for "
@@ -773,7 +771,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DemoOptions.prompt, help="the prompt to continue")
     p.add_argument("--max-new-tokens", type=int, default=DemoOptions.max_new_tokens, help="tokens to generate")
     p.add_argument("--precision", default=DemoOptions.precision, help="export precision: fp32 or fp16")
-    p.add_argument("--quiet", action="store_true", help="no live progress line (also off when stderr is not a terminal)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -4,7 +4,7 @@
 `export` is imported on first use: the TensorRT and lint modules of this package must not pull in torch.
 """
 
-__all__ = ["export", "PRECISIONS"]
+__all__ = ["export", "ExportOptions", "PRECISIONS"]
 
 
 def __getattr__(name: str):

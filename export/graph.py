@@ -21,9 +21,8 @@ from torch import nn
 
 from neodeploy.core.errors import UsageError
 from neodeploy.core.spec import ModelSpec
+from neodeploy.export.options import DEFAULT_OPSET, SUPPORTED_OPSETS
 
-DEFAULT_OPSET = 18
-SUPPORTED_OPSETS = range(17, 22)
 # onnxruntime 1.31 reads IR version <= 13 while onnx >= 1.23 writes 14 by default: pin it.
 IR_VERSION = 10
 DATA_SUFFIX = ".data"

@@ -15,12 +15,7 @@ import onnx
 
 from neodeploy.core.errors import UsageError
 from neodeploy.export.graph import DATA_SUFFIX, append_external_data, finish_rewrite, list_inputs, set_aside, working_folder
-
-METHODS = ("int8", "int4")
-BLOCK_SIZES = (32, 64, 128)
-DEFAULT_BLOCK = 64  # int4 body: q4_0's bits (4 + 32 / 64 per weight); 32 is more accurate, 128 faster
-HEAD_BITS = (8, 4)  # int4's lm_head
-DEFAULT_HEAD_BITS = 8  # as llama.cpp keeps its output tensor at 6-8 bits
+from neodeploy.export.options import BLOCK_SIZES, DEFAULT_BLOCK, DEFAULT_HEAD_BITS, HEAD_BITS, METHODS
 
 
 def _fold_weight_transposes(path: Path) -> None:

@@ -25,7 +25,7 @@ import collections
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -102,6 +102,24 @@ class EngineConfig:
                 raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
         parse_prefix_cache(self.prefix_cache)
         check_tokens(self.speculate_tokens)
+
+    @classmethod
+    def from_strings(cls, values: dict[str, Any]) -> EngineConfig:
+        """From text such as `serve run … max_running=4 kv_budget=2GiB`: a field whose default is an integer reads
+        an integer; sizes and names stay text (each field's own parser reads them). Absent fields keep their
+        defaults; names that are no field are the caller's to refuse."""
+        given = {}
+        for f in fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            if isinstance(f.default, int) and isinstance(value, str):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise UsageError(f"{f.name} must be an integer, got {value!r}") from None
+            given[f.name] = value
+        return cls(**given)
 
 
 class EngineObserver:

@@ -25,12 +25,16 @@ DEPLOYMENT = "neodeploy"
 
 @dataclasses.dataclass(frozen=True)
 class Scaling:
-    replicas: int = 1
+    replicas: int | None = None  # default 1; not with autoscale
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, on ongoing requests per replica
     cpus: float | None = None  # per replica; default: this machine's cores / replicas (never oversubscribed)
     target_ongoing: int | None = None  # autoscaling target per replica; default the engine's max_running
 
     def __post_init__(self) -> None:
+        if self.replicas is not None and self.autoscale is not None:
+            raise UsageError("give --replicas or --autoscale, not both")
+        if self.replicas is None:
+            object.__setattr__(self, "replicas", 1)
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise UsageError(f"replicas must be a positive integer, got {self.replicas!r}")
         if self.autoscale is not None:
@@ -150,21 +154,17 @@ def app(args: dict[str, str]):
     args = dict(args)
     if "artifact" not in args:
         raise UsageError("give artifact=PATH (a folder every node can read)")
-    known = {"artifact", "replicas", "autoscale", "cpus", "max_running", "max_waiting", "kv_budget", "model_name",
-             "skip_check", "api_key", "prefill_chunk", "prefix_cache", "busy_prefill_chunk", "speculate",
-             "speculate_tokens"}
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    known = {"artifact", "replicas", "autoscale", "cpus", "model_name", "skip_check", "api_key", *engine_fields}
     unknown = sorted(set(args) - known)
     if unknown:
         raise UsageError(f"unknown argument {unknown[0]}; known: {', '.join(sorted(known))}")
-    engine = EngineConfig(max_running=int(args.get("max_running", 8)), max_waiting=int(args.get("max_waiting", 64)),
-                          kv_budget=args.get("kv_budget"), prefill_chunk=int(args.get("prefill_chunk", 256)),
-                          prefix_cache=args.get("prefix_cache", "auto"),
-                          busy_prefill_chunk=int(args.get("busy_prefill_chunk", 64)),
-                          speculate=_draft(args.get("speculate")), speculate_tokens=int(args.get("speculate_tokens", 4)))
+    engine = EngineConfig.from_strings({k: v for k, v in args.items() if k in engine_fields})
+    engine = dataclasses.replace(engine, speculate=_draft(engine.speculate))
     options = ServeOptions(Path(args["artifact"]).resolve(), args.get("model_name"),
                            args.get("api_key") or os.environ.get("NEODEPLOY_API_KEY"), engine,
                            str(args.get("skip_check", "false")).lower() in ("1", "true", "yes"))
-    scaling = Scaling(int(args.get("replicas", 1)), parse_autoscale(args.get("autoscale")),
+    scaling = Scaling(int(args["replicas"]) if "replicas" in args else None, parse_autoscale(args.get("autoscale")),
                       float(args["cpus"]) if "cpus" in args else None)
     return deployment(options, scaling)
 
@@ -187,7 +187,7 @@ def _replica_error(serve) -> str | None:
     return None
 
 
-def run(options: ServeOptions, scaling: Scaling, host: str, port: int, address: str | None) -> int:
+def run(options: ServeOptions, scaling: Scaling, address: str | None = None) -> int:
     """`neodeploy serve --ray`: join a cluster (address) or start a local Ray on 127.0.0.1, deploy, serve until
     SIGTERM / Ctrl-C, then shut down what was started here."""
     import signal
@@ -200,6 +200,7 @@ def run(options: ServeOptions, scaling: Scaling, host: str, port: int, address: 
     except ImportError as exc:
         raise UsageError(f"--ray needs the ray extra ({exc.name} is missing): pip install 'neodeploy[ray]'") from exc
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    host, port = options.host, options.port
     started_here = address is None
     if started_here:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -94,12 +94,15 @@ def _is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
-def run(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> int:
-    """Serve until SIGTERM / Ctrl-C (drain, exit 0), or until loading fails (exit 2) or the golden check fails
-    (exit 1). Bound to loopback without --allowed-hosts, only loopback names are served (DNS rebinding)."""
+def run(options: ServeOptions, log_level: str = "warning") -> int:
+    """Serve on options.host:options.port until SIGTERM / Ctrl-C (drain, exit 0), or until loading fails (exit 2) or
+    the golden check fails (exit 1). Bound to loopback without --allowed-hosts, only loopback names are served (DNS
+    rebinding)."""
     import dataclasses
 
     import uvicorn
+
+    host, port = options.host, options.port
 
     if options.allowed_hosts is None and _is_loopback(host):
         options = dataclasses.replace(options, allowed_hosts=LOOPBACK_HOSTS)
