@@ -571,16 +571,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neodeploy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"neodeploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_presets(sub)
+    _add_inspect(sub)
+    _add_make_checkpoint(sub, quiet)
+    _add_reference(sub)
+    _add_export(sub, quiet)
+    _add_generate(sub, backend, speculate)
+    _add_serve(sub, backend, speculate)
+    _add_bench_serve(sub)
+    _add_check(sub, backend)
+    _add_validate(sub, quiet, backend)
+    _add_build_engine(sub)
+    _add_bench(sub)
+    _add_lint(sub)
+    _add_demo(sub, quiet)
+    return parser
 
+
+def _add_presets(sub) -> None:
     p = sub.add_parser("presets", help="list the built-in published architectures with their sizes")
     p.set_defaults(func=cmd_presets)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show the normalised ModelSpec and the memory a model needs (or an artifact's manifest)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder with config.json, or an artifact folder")
     p.add_argument("--preset", help="a preset name instead of a folder")
     p.add_argument("--json", action="store_true", help="print the ModelSpec as JSON")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_make_checkpoint(sub, quiet: argparse.ArgumentParser) -> None:
     p = sub.add_parser("make-checkpoint", parents=[quiet], help="write a random-initialised checkpoint in Hugging Face layout")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("out", help="folder to create")
@@ -596,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, help=f"override {field}")
     p.set_defaults(func=cmd_make_checkpoint)
 
+
+def _add_reference(sub) -> None:
     p = sub.add_parser("reference", help="greedy-generate with the PyTorch reference model")
     p.add_argument("checkpoint")
     p.add_argument("prompt", nargs="?")
@@ -606,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print ids and text as JSON")
     p.set_defaults(func=cmd_reference)
 
+
+def _add_export(sub, quiet: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[quiet], help="export a checkpoint to a verified ONNX artifact folder (KV-cache I/O)")
     p.add_argument("checkpoint", help="Hugging Face checkpoint folder (config.json + weights)")
     p.add_argument("out_dir", help="artifact folder to create")
@@ -631,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reusing it from an earlier export of the same checkpoint ($NEODEPLOY_CACHE/reference)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_generate(sub, backend: argparse.ArgumentParser, speculate: argparse.ArgumentParser) -> None:
     p = sub.add_parser("generate", parents=[backend, speculate], help="generate text with an exported artifact (no PyTorch needed)")
     p.add_argument("artifact")
     p.add_argument("prompt", nargs="+", help="prompts (several run as one batch); - reads one per line from stdin")
@@ -655,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_serve(sub, backend: argparse.ArgumentParser, speculate: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[speculate, backend], help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
     p.add_argument("artifact")
     p.add_argument("--host", default=_default(ServeOptions, "host"), help="bind address (default 127.0.0.1: this machine only)")
@@ -692,6 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: this machine's cores / replicas)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_bench_serve(sub) -> None:
     p = sub.add_parser("bench-serve", help="throughput and latency of a server at several concurrencies vs Model.generate")
     p.add_argument("artifact", nargs="?", help="serve this artifact here (and run the in-process baseline on it)")
     p.add_argument("--url", help="an OpenAI-compatible server to measure instead (llama.cpp's server, another peer)")
@@ -714,12 +745,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG chart here")
     p.set_defaults(func=cmd_bench_serve)
 
+
+def _add_check(sub, backend: argparse.ArgumentParser) -> None:
     p = sub.add_parser("check", parents=[backend], help="replay golden.npz with the runtime alone; exit 1 on drift (a CI gate)")
     p.add_argument("artifact")
     p.add_argument("--report", help="write a JSON report here")
     p.add_argument("--junit", help="write a JUnit XML report here")
     p.set_defaults(func=cmd_check)
 
+
+def _add_validate(sub, quiet: argparse.ArgumentParser, backend: argparse.ArgumentParser) -> None:
     p = sub.add_parser("validate", parents=[backend, quiet], help="runtime vs the PyTorch reference: errors, top-1, greedy prefix, perplexity")
     p.add_argument("artifact")
     p.add_argument("--reference", required=True, help="the checkpoint the artifact was exported from")
@@ -729,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise", action="store_true", help="also report the first block whose hidden state drifts")
     p.set_defaults(func=cmd_validate)
 
+
+def _add_build_engine(sub) -> None:
     p = sub.add_parser("build-engine", help="build a TensorRT fp16 engine (two optimisation profiles) into the artifact")
     p.add_argument("artifact", help="an fp16 artifact folder (neodeploy export --precision fp16)")
     p.add_argument("--profile", required=True, help="a shipped profile (chat, batch, edge) or a .toml file")
@@ -737,6 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", type=float, help="workspace memory limit in GiB")
     p.set_defaults(func=cmd_build_engine)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="prefill / decode speed of the runtime against its peers, in one run")
     p.add_argument("artifact")
     p.add_argument("--checkpoint", help="checkpoint for the peers (default: the one the artifact was exported from)")
@@ -754,12 +793,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG chart here (matplotlib)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_lint(sub) -> None:
     p = sub.add_parser("lint", help="TensorRT readiness without a GPU: ops, control flow, bindings, profile shapes")
     p.add_argument("artifact")
     p.add_argument("--profile", help="a shipped profile name or a .toml file (default: every shipped profile)")
     p.add_argument("--no-polygraphy", action="store_true", help="skip polygraphy's check lint")
     p.set_defaults(func=cmd_lint)
 
+
+def _add_demo(sub, quiet: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[quiet], help="the main job end to end on a built-in default model (no network, no files)")
     p.add_argument("--preset", help="run on a random-initialised published architecture instead of the trained "
                    "byte-level default")
@@ -772,7 +815,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=DemoOptions.max_new_tokens, help="tokens to generate")
     p.add_argument("--precision", default=DemoOptions.precision, help="export precision: fp32 or fp16")
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _check_output_paths(args: argparse.Namespace) -> None:
