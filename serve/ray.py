@@ -79,13 +79,18 @@ class RayMetrics:
             self.waiting.set(engine.waiting, tags=self.tags)
             self.prefix_bytes.set(engine.prefix.bytes if engine.prefix is not None else 0, tags=self.tags)
 
+    # Ray's Counter.inc refuses 0 (a prefix miss, a draft with nothing accepted): such events add nothing anyway.
     def prefix(self, query_tokens: int, hit_tokens: int) -> None:
-        self.prefix_queries.inc(query_tokens, tags=self.tags)
-        self.prefix_hits.inc(hit_tokens, tags=self.tags)
+        self._count(self.prefix_queries, query_tokens)
+        self._count(self.prefix_hits, hit_tokens)
 
     def speculated(self, drafted: int, accepted: int) -> None:
-        self.drafted.inc(drafted, tags=self.tags)
-        self.accepted.inc(accepted, tags=self.tags)
+        self._count(self.drafted, drafted)
+        self._count(self.accepted, accepted)
+
+    def _count(self, counter, value: int) -> None:
+        if value > 0:
+            counter.inc(value, tags=self.tags)
 
     def step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size, tags=self.tags)

@@ -92,7 +92,7 @@ def main(artifact: str, prompts_file: str, in_namespace: bool, drifted: str) -> 
                   route_prefix="/drift")
     except Exception:  # noqa: BLE001 - what we assert on is the line below
         drift_error = _replica_error(serve)
-    pids = descendants(os.getpid())
+    pids = sorted(descendants(os.getpid()))
     serve.shutdown()
     ray.shutdown()
     print(json.dumps({"answers": answers, "pids": pids, "ready_s": round(ready_s, 1), "bad_status": bad.status_code,

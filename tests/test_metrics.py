@@ -28,6 +28,8 @@ def test_ray_mirrors_the_same_series_and_events(monkeypatch):
             self.calls = []
 
         def inc(self, value=1.0, tags=None):
+            if value <= 0:  # as ray.util.metrics.Counter.inc: a miss (0 hit tokens) must not be sent
+                raise ValueError(f"value must be >0, got {value}")
             self.calls.append(("inc", value, tags))
 
         def set(self, value, tags=None):
@@ -48,7 +50,10 @@ def test_ray_mirrors_the_same_series_and_events(monkeypatch):
     metrics.mirrors.append(ray)
     metrics.step(3, 0.02)
     metrics.prefix(10, 4)
+    metrics.prefix(6, 0)  # a miss
+    metrics.speculated(4, 0)  # a draft with nothing accepted
     assert ray.batch.calls == [("observe", 3, {"replica": "r1"})]
     assert ray.step_seconds.calls == [("observe", 0.02, {"replica": "r1"})]
-    assert ray.prefix_queries.calls == [("inc", 10, {"replica": "r1"})]
-    assert ray.prefix_hits.calls == [("inc", 4, {"replica": "r1"})]
+    assert ray.prefix_queries.calls == [("inc", 10, {"replica": "r1"}), ("inc", 6, {"replica": "r1"})]
+    assert ray.prefix_hits.calls == [("inc", 4, {"replica": "r1"})] and ray.accepted.calls == []
+    assert ray.drafted.calls == [("inc", 4, {"replica": "r1"})]

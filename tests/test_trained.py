@@ -147,12 +147,14 @@ def test_cpu_target_fuses_and_passes_validate(trained, tmp_path, family, quantiz
     ckpt = trained(family)
     art = export(ckpt, tmp_path / "cpu", target="cpu", quantize=quantize, echo=lambda s: None)
     manifest = json.loads((art / "neodeploy.json").read_text())
-    assert manifest["onnx"]["target"] == "cpu" and manifest["onnx"]["logits"] == "last"
+    assert manifest["onnx"]["target"] == "cpu" and manifest["onnx"]["logits"] == "tail"  # last, or the last n
     assert manifest["onnx"]["fused"].get("SkipLayerNormalization", 0) >= 1
     assert manifest["onnx"]["fused"]["GroupQueryAttention"] == 2 and manifest["onnx"]["kv_cache"] == "in-place"
     assert manifest["onnx"]["fused"].get("BiasGelu", 0) + manifest["onnx"]["fused"].get("FastGelu", 0) >= 2
     graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
-    assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1  # the lm_head runs on the last position only
+    # The lm_head runs on the last num_logits positions only (1 in plain decoding; K + 1 to check K drafted tokens)
+    assert graph.output[0].type.tensor_type.shape.dim[1].dim_param == "num_logits"
+    assert [i.name for i in graph.input][-1] == "num_logits"
     model = load(art)
     report = validate(model, ckpt, steps=16, echo=lambda s: None)
     assert report.passed, report.failures
