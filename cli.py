@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -318,11 +317,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draft_option(value: str | None, absolute: bool) -> str | None:
-    """--speculate's draft artifact as an absolute path where another process (a Ray replica) loads it."""
-    return str(Path(value).resolve()) if value and value != "ngram" and absolute else value
-
-
 def _logit_bias(pairs: list[str]) -> dict[int, float]:
     bias = {}
     for pair in pairs:
@@ -373,8 +367,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
                           prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
-                          speculate=_draft_option(args.speculate, args.ray), speculate_tokens=args.speculate_tokens)
-    options = ServeOptions(Path(args.artifact).resolve() if args.ray else Path(args.artifact), args.model_name,
+                          speculate=args.speculate, speculate_tokens=args.speculate_tokens)
+    options = ServeOptions(Path(args.artifact), args.model_name,
                            args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None, config, args.skip_check,
                            args.backend, args.grace_period, host=args.host, port=args.port,
                            allowed_hosts=tuple(args.allowed_hosts.split(",")) if args.allowed_hosts else None,
@@ -547,11 +541,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _default(owner, name: str):
-    """A dataclass field's default: argparse shows and uses the value its owner declares."""
-    return next(f.default for f in dataclasses.fields(owner) if f.name == name)
-
-
 def _shared_options() -> dict[str, argparse.ArgumentParser]:
     """Options several commands take, defined once (argparse parents)."""
     quiet, backend, speculate = (_Parser(add_help=False) for _ in range(3))
@@ -560,8 +549,8 @@ def _shared_options() -> dict[str, argparse.ArgumentParser]:
     speculate.add_argument("--speculate", metavar="ngram|DRAFT", help="speculative decoding while a request decodes "
                            "alone: ngram (prompt lookup) or a draft artifact sharing the tokenizer (exact: the same "
                            "output as without)")
-    speculate.add_argument("--speculate-tokens", type=int, default=_default(EngineConfig, "speculate_tokens"),
-                           metavar="K", help=f"tokens drafted per step (default {_default(EngineConfig, 'speculate_tokens')})")
+    speculate.add_argument("--speculate-tokens", type=int, default=EngineConfig.speculate_tokens,
+                           metavar="K", help=f"tokens drafted per step (default {EngineConfig.speculate_tokens})")
     return {"quiet": quiet, "backend": backend, "speculate": speculate}
 
 
@@ -634,8 +623,8 @@ def _add_export(sub, quiet: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[quiet], help="export a checkpoint to a verified ONNX artifact folder (KV-cache I/O)")
     p.add_argument("checkpoint", help="Hugging Face checkpoint folder (config.json + weights)")
     p.add_argument("out_dir", help="artifact folder to create")
-    p.add_argument("--precision", default=_default(ExportOptions, "precision"), help="fp32 (default) or fp16 (with fp32 islands)")
-    p.add_argument("--opset", type=int, default=_default(ExportOptions, "opset"),
+    p.add_argument("--precision", default=ExportOptions.precision, help="fp32 (default) or fp16 (with fp32 islands)")
+    p.add_argument("--opset", type=int, default=ExportOptions.opset,
                    help=f"ONNX opset, {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     p.add_argument("--max-context", type=int, help="longest prompt + generation the artifact serves "
                    "(default: the model's max positions)")
@@ -643,7 +632,7 @@ def _add_export(sub, quiet: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=None, help="int8 (dynamic int8 MatMul) or int4 (MatMulNBits) weights, for CPU")
     p.add_argument("--block-size", type=int, help="int4 block size of the layers: 32, 64 (default) or 128")
     p.add_argument("--head-bits", type=int, help="int4's lm_head: 8 (default, 8-bit) or 4")
-    p.add_argument("--target", default=_default(ExportOptions, "target"), help="portable (default: TensorRT, Optimum, any runtime), cpu "
+    p.add_argument("--target", default=ExportOptions.target, help="portable (default: TensorRT, Optimum, any runtime), cpu "
                    "(onnxruntime fusions, last-position logits only) or cuda (fp16, onnxruntime's CUDA "
                    "GroupQueryAttention, rows left-aligned in the cache: docs/gpu.md)")
     p.add_argument("--logits", help="all (portable default: every position, for score and perplexity) or last "
@@ -661,15 +650,15 @@ def _add_generate(sub, backend: argparse.ArgumentParser, speculate: argparse.Arg
     p = sub.add_parser("generate", parents=[backend, speculate], help="generate text with an exported artifact (no PyTorch needed)")
     p.add_argument("artifact")
     p.add_argument("prompt", nargs="+", help="prompts (several run as one batch); - reads one per line from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=_default(SamplingParams, "max_new_tokens"), help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=_default(SamplingParams, "temperature"), help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=_default(SamplingParams, "top_k"), help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=_default(SamplingParams, "top_p"), help="sample from the smallest set of tokens reaching this mass")
-    p.add_argument("--repetition-penalty", type=float, default=_default(SamplingParams, "repetition_penalty"), help="transformers' repetition penalty (1: off)")
+    p.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=SamplingParams.temperature, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=SamplingParams.top_k, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=SamplingParams.top_p, help="sample from the smallest set of tokens reaching this mass")
+    p.add_argument("--repetition-penalty", type=float, default=SamplingParams.repetition_penalty, help="transformers' repetition penalty (1: off)")
     p.add_argument("--seed", type=int, help="seed for sampling (default: unseeded)")
-    p.add_argument("--min-p", type=float, default=_default(SamplingParams, "min_p"), help="drop tokens below this share of the likeliest (0: off)")
-    p.add_argument("--frequency-penalty", type=float, default=_default(SamplingParams, "frequency_penalty"), help="OpenAI's, in [-2, 2] (0: off)")
-    p.add_argument("--presence-penalty", type=float, default=_default(SamplingParams, "presence_penalty"), help="OpenAI's, in [-2, 2] (0: off)")
+    p.add_argument("--min-p", type=float, default=SamplingParams.min_p, help="drop tokens below this share of the likeliest (0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=SamplingParams.frequency_penalty, help="OpenAI's, in [-2, 2] (0: off)")
+    p.add_argument("--presence-penalty", type=float, default=SamplingParams.presence_penalty, help="OpenAI's, in [-2, 2] (0: off)")
     p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="add BIAS in [-100, 100] to "
                    "token ID's logit (repeatable)")
     p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid under this schema")
@@ -686,30 +675,30 @@ def _add_generate(sub, backend: argparse.ArgumentParser, speculate: argparse.Arg
 def _add_serve(sub, backend: argparse.ArgumentParser, speculate: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[speculate, backend], help="serve an artifact over an OpenAI-compatible HTTP API (continuous batching)")
     p.add_argument("artifact")
-    p.add_argument("--host", default=_default(ServeOptions, "host"), help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=_default(ServeOptions, "port"), help="TCP port")
-    p.add_argument("--max-running", type=int, default=_default(EngineConfig, "max_running"), help="sequences decoded together (default 8)")
-    p.add_argument("--max-waiting", type=int, default=_default(EngineConfig, "max_waiting"), help="queued requests before 429 (default 64)")
+    p.add_argument("--host", default=ServeOptions.host, help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=ServeOptions.port, help="TCP port")
+    p.add_argument("--max-running", type=int, default=EngineConfig.max_running, help="sequences decoded together (default 8)")
+    p.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting, help="queued requests before 429 (default 64)")
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
                    "default max_context per slot")
-    p.add_argument("--prefill-chunk", type=int, default=_default(EngineConfig, "prefill_chunk"), help="prompt tokens prefilled per step (default 256)")
-    p.add_argument("--busy-prefill-chunk", type=int, default=_default(EngineConfig, "busy_prefill_chunk"), help="prompt tokens prefilled per step while others "
+    p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk, help="prompt tokens prefilled per step (default 256)")
+    p.add_argument("--busy-prefill-chunk", type=int, default=EngineConfig.busy_prefill_chunk, help="prompt tokens prefilled per step while others "
                    "decode (default 64); smaller keeps their token gaps even, larger gives newcomers their first token "
                    "and the batch its throughput sooner")
-    p.add_argument("--prefix-cache", default=_default(EngineConfig, "prefix_cache"), metavar="SIZE", help="memory for reusing the KV of shared prompt "
+    p.add_argument("--prefix-cache", default=EngineConfig.prefix_cache, metavar="SIZE", help="memory for reusing the KV of shared prompt "
                    "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set NEODEPLOY_API_KEY)")
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")
     p.add_argument("--skip-check", action="store_true", help="serve without replaying golden.npz first")
-    p.add_argument("--grace-period", type=float, default=_default(ServeOptions, "grace_period"), help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--grace-period", type=float, default=ServeOptions.grace_period, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--allowed-hosts", help="comma-separated Host names served (default: loopback names when bound to "
                    "loopback, any otherwise)")
     p.add_argument("--cors-origin", action="append", help="a browser origin allowed to call the API (repeatable; "
                    "default: none, CORS off)")
-    p.add_argument("--header-timeout", type=float, default=_default(ServeOptions, "header_timeout"), help="seconds to send a request's headers (default 10)")
-    p.add_argument("--body-timeout", type=float, default=_default(ServeOptions, "body_timeout"), help="seconds to send a request's body (default 30)")
-    p.add_argument("--max-connections", type=int, default=_default(ServeOptions, "max_connections"), help="open connections before 503 (default 1024)")
+    p.add_argument("--header-timeout", type=float, default=ServeOptions.header_timeout, help="seconds to send a request's headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=ServeOptions.body_timeout, help="seconds to send a request's body (default 30)")
+    p.add_argument("--max-connections", type=int, default=ServeOptions.max_connections, help="open connections before 503 (default 1024)")
     p.add_argument("--chat-template", metavar="FILE|chatml", help="the chat template to serve, instead of the "
                    "artifact's (chatml: the built-in one)")
     p.add_argument("--no-ui", action="store_true", help="no playground page at GET / (default: served)")

@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from neodeploy.export.graph import _nearest_slice
+from neodeploy.export.graph import nearest_slice
 
 
 def last_real_logits(path: Path) -> None:
     """Rewrite model.onnx's last-position Slice (x[:, -1:]) into the per-row gather of each row's last real token."""
     model = onnx.load(str(path), load_external_data=False)
-    cut = _nearest_slice(model, "logits")
+    cut = nearest_slice(model, "logits")
     x, out = cut.input[0], cut.output[0]
     name = lambda s: f"last_real_{s}"  # noqa: E731
     const = lambda n, values: helper.make_tensor(name(n), TensorProto.INT64, [len(values)], values)  # noqa: E731

@@ -360,7 +360,7 @@ def tail_logits(path: Path) -> None:
     a required input (onnxruntime's IO binding cannot bind an input that has a default initializer): callers feed
     1 for the last position."""
     model = onnx.load(str(path), load_external_data=False)
-    cut = _nearest_slice(model, "logits")
+    cut = nearest_slice(model, "logits")
     negated = f"{NUM_LOGITS}_negated"
     model.graph.node.insert(list(model.graph.node).index(cut), onnx.helper.make_node("Neg", [NUM_LOGITS], [negated]))
     cut.input[1] = negated
@@ -371,7 +371,7 @@ def tail_logits(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _nearest_slice(model: onnx.ModelProto, output: str, depth: int = 6) -> onnx.NodeProto:
+def nearest_slice(model: onnx.ModelProto, output: str, depth: int = 6) -> onnx.NodeProto:
     """The Slice closest upstream of `output`: the last-position cut before the final LayerNorm, whatever sits
     between (fp16's Casts, int8's DynamicQuantizeLinear and scales, the lm_head's MatMul or MatMulNBits)."""
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -381,4 +381,4 @@ def _nearest_slice(model: onnx.ModelProto, output: str, depth: int = 6) -> onnx.
         if cut is not None:
             return cut
         frontier = [producers[name] for node in frontier for name in node.input if name in producers]
-    raise RuntimeError("the last-position graph has no Slice before its lm_head; cannot add num_logits")
+    raise RuntimeError(f"the graph has no Slice within {depth} nodes before {output!r}: not a last-position graph")

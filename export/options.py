@@ -48,12 +48,11 @@ class ExportOptions:
         if target == "cuda" and (self.precision != "fp16" or self.quantize):
             raise UsageError("--target cuda is fp16 (onnxruntime's CUDA GroupQueryAttention runs fp16 only): "
                              "export with --precision fp16 and no --quantize")
-        if target == "cuda" and logits == "all":
-            raise UsageError("--target cuda returns last-position logits only; drop --logits all, or export --target portable")
         if logits is not None and logits not in LOGITS:
             raise UsageError(f"--logits {logits!r} is not supported; choose all or last")
-        if target == "cpu" and logits == "all":
-            raise UsageError("--target cpu returns last-position logits only; drop --logits all, or export --target portable")
+        if target in ("cpu", "cuda") and logits == "all":
+            raise UsageError(f"--target {target} returns last-position logits only; drop --logits all, or export "
+                             "--target portable")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r} is not supported; choose fp32 or fp16")
         if self.quantize is not None:
@@ -78,6 +77,13 @@ class ExportOptions:
     def last_logits(self) -> bool:
         """The graph returns the last position's logits only (cpu and cuda always; portable on request)."""
         return (self.logits or ("last" if self.target in ("cpu", "cuda") else "all")) == "last"
+
+    @property
+    def in_place(self) -> bool:
+        """The fused attention writes its keys into a cache bound as both past and present: the CPU target in fp32
+        (onnxruntime's CPU kernel ran slower in fp16, so an fp16 CPU export keeps the plain attention) and the CUDA
+        target."""
+        return self.target == "cuda" or (self.target == "cpu" and self.precision == "fp32")
 
     @property
     def gate(self) -> str:

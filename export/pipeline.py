@@ -121,9 +121,6 @@ def export(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions |
     memory.check(spec, options.max_memory, ExportError)  # said before any work, from the spec
     built = Built(spec, checkpoint, options)
     cpu, cuda = options.target == "cpu", options.target == "cuda"
-    # The fused attention and its in-place cache are fp32 (onnxruntime's CPU kernel ran slower in fp16): an fp16 CPU
-    # export keeps the plain attention.
-    in_place = cpu and options.precision == "fp32"
     progress = Progress(6 + bool(options.quantize) + cpu, echo)
     built.times = progress.times
     gate, max_context, precision = options.gate, options.max_context, options.precision
@@ -142,7 +139,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions |
         onnx_path = tmp / "model.onnx"
         with progress.stage("trace", f"torch.onnx.export(dynamo=True), opset {options.opset}, {precision}, in a child process"):
             graph.trace_in_subprocess(checkpoint, onnx_path, options.opset, precision, last_logits_only=options.last_logits,
-                                      fused_attention=in_place or cuda, max_context=max_context, by_lengths=cuda)
+                                      fused_attention=options.in_place, max_context=max_context, by_lengths=cuda)
         with progress.stage("convert", "I/O contract, dimension names, IR version"):
             graph.convert(onnx_path, spec, precision)
         with progress.stage("clean", "onnxslim constant folding and dead-node removal"):
@@ -152,7 +149,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, options: ExportOptions |
             with progress.stage("fuse", "onnxruntime transformer optimizer (CPU target)"):
                 built.fused = graph.in_subprocess(ort_fusion.fuse, onnx_path, spec)
                 echo(f"      fused: {', '.join(f'{op} x{n}' for op, n in built.fused.items()) or 'nothing'}")
-                if not in_place:
+                if not options.in_place:
                     echo("      attention stays unfused: the fused CPU attention is fp32 "
                          "(onnxruntime's kernel is slower in fp16)")
         if options.quantize:
@@ -249,11 +246,10 @@ def _manifest(built: Built) -> dict:
         fields["quantization"] = built.quantization
     onnx = fields["onnx"]
     onnx["logits"] = "last" if options.last_logits else "all"
+    if options.in_place:  # the fused attention and its in-place cache
+        onnx.update(kv_cache="in-place", rotary="kernel" if spec.rotary_in_kernel else "graph")
     if options.target == "cpu":  # last position by default, the last num_logits on request
         onnx.update(logits="tail", target="cpu", fused=built.fused)
-        if options.precision == "fp32":  # the fused attention and its in-place cache
-            onnx.update(kv_cache="in-place", rotary="kernel" if spec.rotary_in_kernel else "graph")
     if options.target == "cuda":  # the kernel computes q·kᵀ and softmax with fp32 accumulators: the islands are inside it
-        onnx.update(target="cuda", kv_cache="in-place", rotary="kernel" if spec.rotary_in_kernel else "graph",
-                    fp32_islands=["LayerNormalization", "GroupQueryAttention (in-kernel)", "logits"])
+        onnx.update(target="cuda", fp32_islands=["LayerNormalization", "GroupQueryAttention (in-kernel)", "logits"])
     return fields

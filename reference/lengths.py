@@ -7,7 +7,7 @@ that kernel's contract in PyTorch, so a model switched to it (`use_fused_attenti
 in eager mode what the exported GroupQueryAttention computes, and export/attention.py lowers it without a bias:
 seqlens_k = ReduceSum(attention_mask) - 1, total_sequence_length = the mask's width, local_window_size = window.
 
-The bias form (reference/fused.py, the CPU target) stays the one op for the left-padded layout; `attend` picks
+The bias form (reference/attention_op.py, the CPU target) stays the one op for the left-padded layout; `attend` picks
 between the two by the mask it is given, so the models have one call site.
 """
 

@@ -9,24 +9,12 @@ their position wherever the row sits).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 
 from neodeploy.core.errors import ArtifactError, UsageError
 from neodeploy.runtime.backend import OrtBackend
 from neodeploy.runtime.batch import DecodeBatch
-
-
-def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) [batch, longest] int64, each row left-aligned, then pad_id / mask 0."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def align_left(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,11 +78,11 @@ class AlignedBackend(OrtBackend):
 
     aligned = True
     joinable = True
-    kernel_rotary = None  # rotary happens at the position, which is the cache index wherever the row sits
 
     def __init__(self, model_path, num_layers, num_heads, head_dim, kv_dtype, providers=None, threads=None):
+        # No kernel_rotary: rotary happens at the position, which is the cache index wherever the row sits.
         super().__init__(model_path, num_layers, num_heads, head_dim, kv_dtype, providers, threads, logits="last")
-        self.in_place, self.verifies = True, False
+        self.in_place = True  # on CUDA too: the pool lives on the device
         import base64
 
         options = self._ort.SessionOptions()
@@ -118,10 +106,6 @@ class AlignedBackend(OrtBackend):
         pool.bind(binding, self.present_names, output=True)
         self.session.run_with_iobinding(binding)
         return np.ascontiguousarray(binding.get_outputs()[0].numpy()[:, -1, :], dtype=np.float32), pool
-
-    def prefill(self, input_ids, attention_mask, position_ids, capacity=None):
-        batch, seq = input_ids.shape
-        return self._run(input_ids, attention_mask, position_ids, self.new_cache(batch, max(capacity or 0, seq + 1)))
 
     def score(self, input_ids, attention_mask, position_ids):
         raise UsageError("a --target cuda graph returns last-position logits only; score() needs an export with "
@@ -151,9 +135,7 @@ class AlignedBackend(OrtBackend):
         """Past the capacity a caller asked for: a pool twice as wide (one copy), in the same object."""
         wider = self.new_cache(pool.shape[0], max(total, 2 * pool.capacity))
         self._copy(pool, 0, pool.shape[0], wider, 0, pool.capacity)
-        rows = pool.rows
-        pool.__dict__.update(wider.__dict__)
-        pool.rows = rows
+        pool.shape, pool.host, pool.values = wider.shape, wider.host, wider.values  # rows, device, dtype stay
 
     def copy_rows(self, source: AlignedPool, target: AlignedPool, at: int, width: int) -> None:
         """A joining batch: all of source's rows into target's rows at, at + 1, ... (no column moves)."""
@@ -189,9 +171,6 @@ class AlignedBackend(OrtBackend):
             return [a[:rows, :, :width] for a in state.host]
         return [v.numpy()[:rows, :, :width] for v in state.values]
 
-    def set_rows(self, state, rows):
-        state.rows = rows
-
 
 # ----------------------------------------------------------------------------------------------------- the batch
 
@@ -202,18 +181,16 @@ class AlignedBatch(DecodeBatch):
     def start(self, ids, mask, capacity, chunk=None):
         return super().start(*align_left(ids, mask), capacity, chunk)
 
-    def resume(self, arrays, rest, capacity):
-        m = arrays[0].shape[2]
-        self.state = self.backend.new_cache(1, max(capacity, m + 1))
+    def _load(self, arrays, capacity):
+        self.state = self.backend.new_cache(1, capacity)
         self.backend.load_rows(self.state, arrays)
-        self.mask, self.lengths = np.ones((1, m), np.int64), np.array([m], np.int64)
-        self.pending = np.asarray([list(rest)], dtype=np.int64)
 
     def _feed(self, ids, run):
         n = ids.shape[1]
         lengths = self.lengths + n
-        logits, self.state = run(ids, lengths_mask(lengths), self.lengths[:, None] + np.arange(n), self.state)
-        self.mask, self.lengths = lengths_mask(lengths), lengths
+        mask = lengths_mask(lengths)
+        logits, self.state = run(ids, mask, self.lengths[:, None] + np.arange(n), self.state)
+        self.mask, self.lengths = mask, lengths
         return logits
 
     def step(self, tokens):

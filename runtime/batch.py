@@ -118,14 +118,19 @@ class DecodeBatch:
         """Start a batch-1 prefill from cached past arrays [1, heads, m, head_dim] (the prefix cache's) with the
         rest of the prompt pending: `advance` then runs it as it runs a chunked prefill's later chunks."""
         m = arrays[0].shape[2]
+        self._load(arrays, max(capacity, m + 1))
+        self.mask, self.lengths = np.ones((1, m), np.int64), np.array([m], np.int64)
+        self.pending = np.asarray([list(rest)], dtype=np.int64)
+
+    def _load(self, arrays: list[np.ndarray], capacity: int) -> None:
+        """A batch-1 cache holding exactly these past arrays (room for `capacity` tokens where it is in place)."""
         if self.backend.in_place:
-            self.state = self.backend.new_cache(1, max(capacity, m + 1))
+            m = arrays[0].shape[2]
+            self.state = self.backend.new_cache(1, capacity)
             for dst, src in zip(self.backend.cache_arrays(self.state, 1, m), arrays):
                 dst[...] = src
         else:
             self.state = self.backend.wrap_cache(arrays)
-        self.mask, self.lengths = np.ones((1, m), np.int64), np.array([m], np.int64)
-        self.pending = np.asarray([list(rest)], dtype=np.int64)
 
     def advance(self, chunk: int) -> np.ndarray | None:
         """Run the next chunk of a chunked prefill (batch 1); returns the logits after the last one."""

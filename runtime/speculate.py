@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -172,6 +173,12 @@ class Speculator:
 
 def _smooth(average: float | None, value: float) -> float:
     return value if average is None else (1 - SMOOTHING) * average + SMOOTHING * value
+
+
+def absolute_draft(draft: str | None) -> str | None:
+    """A draft artifact's folder as an absolute path, for a process that starts elsewhere (a Ray replica); "ngram"
+    and None as they are."""
+    return str(Path(draft).resolve()) if draft and draft != NGRAM else draft
 
 
 def check_tokens(tokens: int) -> int:

@@ -193,7 +193,7 @@ def internal_error(exc: BaseException) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------- the gate
 
 class Guard:
-    """Pure ASGI middleware (an @app.middleware("http") wrapper would hide a client's disconnect from the handlers), reading
+    """Pure ASGI middleware (Starlette's decorator-style HTTP middleware would hide a client's disconnect from the handlers), reading
     only the raw ASGI scope (`request.url` is rebuilt from the Host header on older Starlette: a `Host: x/y` once
     moved the path past the key check). In order: the Host name (DNS rebinding), the API key, readiness, the
     Content-Type of a POST (a cross-site "simple" text/plain POST needs no preflight). Tags every response with

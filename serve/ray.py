@@ -17,7 +17,8 @@ from typing import Any
 
 from neodeploy.core.errors import UsageError, VerificationError
 from neodeploy.runtime.engine import EngineConfig
-from neodeploy.serve.app import ServeOptions
+from neodeploy.runtime.speculate import absolute_draft
+from neodeploy.serve.options import ServeOptions
 from neodeploy.serve.metrics import SERIES, outcome
 
 DEPLOYMENT = "neodeploy"
@@ -134,7 +135,10 @@ def deployment(options: ServeOptions, scaling: Scaling = Scaling()):
     cpus = scaling.cpus or max(1.0, (os.cpu_count() or 1) / (scaling.autoscale[1] if scaling.autoscale else scaling.replicas))
     threads = max(1, int(cpus))
     # onnxruntime's pool and numpy's BLAS sized to the replica's share, so replicas on one node never oversubscribe.
-    options = dataclasses.replace(options, threads=options.threads or threads)
+    # Paths absolute: replicas load the artifact and any draft from their own working folder.
+    engine = dataclasses.replace(options.engine, speculate=absolute_draft(options.engine.speculate))
+    options = dataclasses.replace(options, threads=options.threads or threads, artifact=Path(options.artifact).resolve(),
+                                  engine=engine)
     env = {name: str(threads) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     settings: dict[str, Any] = dict(name=DEPLOYMENT, ray_actor_options={"num_cpus": cpus, "runtime_env": {"env_vars": env}},
                                     max_ongoing_requests=options.engine.max_running + options.engine.max_waiting,
@@ -149,10 +153,6 @@ def deployment(options: ServeOptions, scaling: Scaling = Scaling()):
     return wrapped.bind()
 
 
-def _draft(value: str | None) -> str | None:
-    return str(Path(value).resolve()) if value and value != "ngram" else value  # replicas load it from elsewhere
-
-
 def app(args: dict[str, str]):
     """Application builder for `serve run neodeploy.serve.ray:app artifact=PATH [replicas=N] [autoscale=MIN:MAX]
     [cpus=C] [max_running=N] [max_waiting=N] [kv_budget=…] [model_name=…] [skip_check=true]` and Serve config files."""
@@ -165,8 +165,7 @@ def app(args: dict[str, str]):
     if unknown:
         raise UsageError(f"unknown argument {unknown[0]}; known: {', '.join(sorted(known))}")
     engine = EngineConfig.from_strings({k: v for k, v in args.items() if k in engine_fields})
-    engine = dataclasses.replace(engine, speculate=_draft(engine.speculate))
-    options = ServeOptions(Path(args["artifact"]).resolve(), args.get("model_name"),
+    options = ServeOptions(Path(args["artifact"]), args.get("model_name"),
                            args.get("api_key") or os.environ.get("NEODEPLOY_API_KEY"), engine,
                            str(args.get("skip_check", "false")).lower() in ("1", "true", "yes"))
     scaling = Scaling(int(args["replicas"]) if "replicas" in args else None, parse_autoscale(args.get("autoscale")),
