@@ -201,6 +201,10 @@ class AlignedBatch(DecodeBatch):
             self.lengths = self.lengths - count
             self.mask = lengths_mask(self.lengths)
 
+    def row_cache(self, row):
+        return [np.array(a[row : row + 1, :, : int(self.lengths[row])])
+                for a in self.backend.cache_arrays(self.state, self.rows, self.width)]
+
     def join(self, other):
         if other.rows == 0:
             return

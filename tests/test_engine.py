@@ -66,6 +66,70 @@ def test_24_staggered_greedy_requests_equal_each_alone(model):
     assert engine.running == 0 and engine.waiting == 0
 
 
+def test_requests_that_arrive_together_are_prefilled_in_one_call_exactly(model):
+    """Four requests queued before the loop looks are prefilled left-padded in one call and join the batch
+    together; each yields what it yields alone (greedy and seeded sampling; one ends at its first token). The
+    prefix cache keeps a padded row's prompt as an unpadded prefill computes it (the CPU target's keys re-rotated
+    from their padded index): a later request that extends it reuses two blocks and still matches alone."""
+    from neodeploy.runtime.prefix import BLOCK
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, 300) for _ in range(n)] for n in (40, 2 * BLOCK + 3, 20, 5)]
+    params = [SamplingParams(max_new_tokens=n, temperature=t, seed=i)
+              for i, (n, t) in enumerate([(7, 0.0), (9, 0.0), (1, 0.0), (8, 0.9)])]
+    engine = Engine(model, EngineConfig(max_running=4, prefix_cache="16MiB"))
+    shapes, prefill = [], model.backend.prefill
+
+    def counted(ids, *args, **kwargs):
+        shapes.append(ids.shape)
+        return prefill(ids, *args, **kwargs)
+
+    model.backend.prefill = counted
+    try:
+        with engine._lock:  # the loop waits on this lock: all four are queued when it next looks
+            handles = [engine.submit(p, q) for p, q in zip(prompts, params)]
+        results = [h.result(timeout=60) for h in handles]
+        assert shapes[0] == (4, 40)
+        extended = prompts[1] + [3, 1, 4]
+        later = engine.submit(extended, params[1])
+        assert later.result(timeout=60).output_ids == model.generate(extended, params[1])[0].output_ids
+        assert later.cached_tokens == 2 * BLOCK
+    finally:
+        del model.backend.prefill
+        engine.close()
+    for prompt, q, got in zip(prompts, params, results):
+        want = model.generate(prompt, q)[0]
+        assert (got.output_ids, got.finish_reason) == (want.output_ids, want.finish_reason)
+    assert len(results[2].output_ids) == 1
+
+
+def test_a_pool_drops_padding_columns_lazily_and_stays_exact(model, monkeypatch):
+    """Rows leaving a pool leave their padding columns behind (moving every row costs a step); once the pool runs
+    out of width the rows move left together. Staggered requests in a 40-token pool: both happen, and every
+    request still yields what it yields alone."""
+    from neodeploy.runtime.batch import DecodeBatch
+
+    compactions, compact = [], DecodeBatch._compact
+
+    def counted(self):
+        compactions.append(self.width)
+        compact(self)
+
+    monkeypatch.setattr(DecodeBatch, "_compact", counted)
+    rng = random.Random(3)
+    requests = [([rng.randrange(1, 300) for _ in range(rng.randint(2, 20))], rng.randint(5, 18)) for _ in range(12)]
+    engine = Engine(model, EngineConfig(max_running=3, kv_budget=3 * 40))
+    try:
+        handles = [engine.submit(prompt, max_new_tokens=n) for prompt, n in requests]
+        results = [h.result(timeout=60) for h in handles]
+    finally:
+        engine.close()
+    if model.backend.in_place:  # the pool is the in-place cache's
+        assert compactions
+    for (prompt, n), got in zip(requests, results):
+        assert got.output_ids == model.generate(prompt, max_new_tokens=n)[0].output_ids
+
+
 def test_seeded_sampling_is_independent_of_the_batch(model):
     opts = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2)
     requests = _requests(6, seed=3)
@@ -119,7 +183,7 @@ def test_cancel_frees_the_slot_and_the_queue_limit_raises(exported):
 
 
 class _Faulty:
-    """The real backend, except that a prefill whose first token is 13 fails."""
+    """The real backend, except that a prefill with a prompt whose first token is 13 fails."""
 
     def __init__(self, backend):
         self._backend = backend
@@ -128,7 +192,7 @@ class _Faulty:
         return getattr(self._backend, name)
 
     def prefill(self, ids, mask, pos, capacity=None):
-        if ids[0, 0] == 13:
+        if (ids[np.arange(len(ids)), mask.argmax(1)] == 13).any():  # rows are left-padded
             raise RuntimeError("injected fault")
         return self._backend.prefill(ids, mask, pos, capacity)
 
@@ -219,3 +283,11 @@ def test_rotary_table_moves_keys_like_rotating_at_the_new_index():
     table.shift(moved, 20, 60, 20)
     np.testing.assert_allclose(moved[:, :, 20:60], rotated_at(20), atol=2e-5)
     np.testing.assert_array_equal(moved[..., 16:][:, :, 20:], raw[..., 16:])  # beyond the rotary dims: untouched
+
+
+def test_rows_that_leave_are_filled_from_the_end():
+    from neodeploy.runtime.engine import survivors
+
+    assert survivors(5, {1}) == [0, 4, 2, 3]  # one row moves, not three
+    assert survivors(5, {0, 4}) == [3, 1, 2]
+    assert survivors(3, {0, 1, 2}) == [] and survivors(3, set()) == [0, 1, 2]
