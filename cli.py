@@ -366,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kv_budget = parse_kv_budget(args.kv_budget, manifest)
     config = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting, kv_budget=kv_budget,
                           prefill_chunk=args.prefill_chunk, busy_prefill_chunk=args.busy_prefill_chunk,
-                          prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
+                          regroup_wait=args.regroup_wait, prefix_cache=0 if args.no_prefix_cache else args.prefix_cache,
                           speculate=args.speculate, speculate_tokens=args.speculate_tokens)
     options = ServeOptions(Path(args.artifact), args.model_name,
                            args.api_key or os.environ.get("NEODEPLOY_API_KEY") or None, config, args.skip_check,
@@ -686,6 +686,9 @@ def _add_serve(sub, backend: argparse.ArgumentParser, speculate: argparse.Argume
     p.add_argument("--busy-prefill-chunk", type=int, default=EngineConfig.busy_prefill_chunk, help="prompt tokens prefilled per step while others "
                    "decode (default 64); smaller keeps their token gaps even, larger gives newcomers their first token "
                    "and the batch its throughput sooner")
+    p.add_argument("--regroup-wait", type=float, default=EngineConfig.regroup_wait, metavar="SECONDS",
+                   help="after several requests end at once, wait up to this long for their clients' next requests "
+                   "so those start together and decode in step (default %(default)s; 0: never wait)")
     p.add_argument("--prefix-cache", default=EngineConfig.prefix_cache, metavar="SIZE", help="memory for reusing the KV of shared prompt "
                    "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")

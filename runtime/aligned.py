@@ -182,7 +182,7 @@ class AlignedBatch(DecodeBatch):
         return super().start(*align_left(ids, mask), capacity, chunk)
 
     def _load(self, arrays, capacity):
-        self.state = self.backend.new_cache(1, capacity)
+        self.state = self.backend.new_cache(arrays[0].shape[0], capacity)
         self.backend.load_rows(self.state, arrays)
 
     def _feed(self, ids, run):

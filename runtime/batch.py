@@ -116,26 +116,28 @@ class DecodeBatch:
         self.mask, self.lengths = mask, mask.sum(1)
         return None if self.pending is not None else logits
 
-    def resume(self, arrays: list[np.ndarray], rest: Sequence[int], capacity: int) -> None:
-        """Start a batch-1 prefill from cached past arrays [1, heads, m, head_dim] (the prefix cache's) with the
-        rest of the prompt pending: `advance` then runs it as it runs a chunked prefill's later chunks."""
-        m = arrays[0].shape[2]
+    def resume(self, arrays: list[np.ndarray], rest: Sequence[int] | Sequence[Sequence[int]], capacity: int) -> None:
+        """Start a prefill from cached past arrays [rows, heads, m, head_dim] (the prefix cache's) with the rest of
+        each row's prompt pending (one list for one row; rests of one length for several): `advance` then runs
+        it as it runs a chunked prefill's later chunks."""
+        rows, m = arrays[0].shape[0], arrays[0].shape[2]
         self._load(arrays, max(capacity, m + 1))
-        self.mask, self.lengths = np.ones((1, m), np.int64), np.array([m], np.int64)
-        self.pending = np.asarray([list(rest)], dtype=np.int64)
+        self.mask, self.lengths = np.ones((rows, m), np.int64), np.full(rows, m, np.int64)
+        self.pending = np.asarray(rest, dtype=np.int64).reshape(rows, -1)
 
     def _load(self, arrays: list[np.ndarray], capacity: int) -> None:
-        """A batch-1 cache holding exactly these past arrays (room for `capacity` tokens where it is in place)."""
+        """A cache holding exactly these past arrays (room for `capacity` tokens where it is in place)."""
         if self.backend.in_place:
-            m = arrays[0].shape[2]
-            self.state = self.backend.new_cache(1, capacity)
-            for dst, src in zip(self.backend.cache_arrays(self.state, 1, m), arrays):
+            rows, m = arrays[0].shape[0], arrays[0].shape[2]
+            self.state = self.backend.new_cache(rows, capacity)
+            for dst, src in zip(self.backend.cache_arrays(self.state, rows, m), arrays):
                 dst[...] = src
         else:
             self.state = self.backend.wrap_cache(arrays)
 
     def advance(self, chunk: int) -> np.ndarray | None:
-        """Run the next chunk of a chunked prefill (batch 1); returns the logits after the last one."""
+        """Run the next chunk of a chunked prefill (its rows' pending tokens are of one length); returns the logits
+        after the last one."""
         ids, self.pending = self.pending[:, :chunk], (self.pending[:, chunk:] if self.pending.shape[1] > chunk else None)
         logits = self._feed(ids, self.backend.decode)
         return None if self.pending is not None else logits

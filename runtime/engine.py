@@ -102,6 +102,10 @@ class EngineConfig:
     # ... and while others decode: bounds how long a newcomer delays their next token (pythia-160m, 8 clients: 64
     # halved the p99 gap between tokens, 200 -> 90 ms, for 8 % less throughput than 256; see the README)
     busy_prefill_chunk: int = 64
+    # After several requests end at the same step (clients in a loop, a batch job), wait up to this many seconds for
+    # their next requests so they are prefilled together and decode in step: their token gaps then never include
+    # a newcomer's prefill (see _regroup). 0: start the first arrival at once
+    regroup_wait: float = 0.02
     prefix_cache: int | str | None = "auto"  # bytes of reusable prompt KV (runtime/prefix.py); 0 or None: off
     # "ngram" (prompt lookup) or a draft artifact's folder: a request decoding alone drafts this many tokens a step
     # and the model checks them in one call (runtime/speculate.py; exact). None: off
@@ -113,6 +117,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_waiting" else 1):
                 raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
+        if not isinstance(self.regroup_wait, (int, float)) or isinstance(self.regroup_wait, bool) or not 0 <= self.regroup_wait <= 1:
+            raise UsageError(f"regroup_wait must be seconds between 0 and 1, got {self.regroup_wait!r}")
         parse_prefix_cache(self.prefix_cache)
         check_tokens(self.speculate_tokens)
 
@@ -288,6 +294,7 @@ class Engine:
         self._next_id = 0
         self._active = 0  # submitted and not finished
         self._held = False  # the backend's lock, for exclusive backends, while a request runs
+        self._ended: tuple[int, float] = (0, 0.0)  # requests that ended the batch at the last step, and when
         self._thread = threading.Thread(target=self._loop, name="neodeploy-engine", daemon=True)
         self._thread.start()
 
@@ -362,6 +369,8 @@ class Engine:
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._waiting or self._running or self._prefilling or self._closing)
+                if not (self._running or self._prefilling):
+                    self._regroup()
                 if self._closing and not (self._waiting or self._running or self._prefilling):
                     return
                 cancelled, self._cancelled = self._cancelled, set()
@@ -387,16 +396,34 @@ class Engine:
                 self._held = False
                 self.model.backend.lock.release()
 
+    def _regroup(self) -> None:
+        """Idle with requests waiting: if several requests ended together a moment ago, wait (up to regroup_wait
+        from then) until as many have arrived, so they start together. Called holding the lock."""
+        ended, at = self._ended
+        self._ended = (0, 0.0)
+        if ended < 2 or len(self._waiting) >= min(ended, self.max_running) or self._closing:
+            return
+        deadline = at + self.config.regroup_wait
+        self._lock.wait_for(lambda: len(self._waiting) >= min(ended, self.max_running) or self._closing,
+                            max(0.0, deadline - time.perf_counter()))
+
     def _hold(self) -> None:
         if self.model.backend.exclusive and not self._held:
             self.model.backend.lock.acquire()
             self._held = True
 
     def _prefill(self) -> None:
-        budget = self.config.busy_prefill_chunk if self._running else self.config.prefill_chunk
+        fresh = sum(entry.batch is None for entry in self._prefilling)
+        # While others decode, a newcomer's prefill is cut into small pieces to keep their token gaps even; when
+        # the newcomers outnumber them, starting the newcomers together matters more than one longer gap.
+        busy = len(self._running) >= max(fresh, 1)
+        budget = self.config.busy_prefill_chunk if busy else self.config.prefill_chunk
         group = self._group(budget)
         if len(group) > 1:
             budget -= self._prefill_together(group)
+        group = self._hit_group(budget)
+        if len(group) > 1:
+            budget -= self._resume_together(group)
         for entry in list(self._prefilling):
             if budget <= 0:
                 break
@@ -456,15 +483,56 @@ class Engine:
                 entry.alone = True
                 self._prefilling.insert(0, entry)
             return len(group) * width
+        self._start(group, batch, logits)
+        return len(group) * width
+
+    def _hit_group(self, budget: int) -> list[_Entry]:
+        """Fresh requests the prefix cache serves with the same reuse and the same number of tokens of their own
+        (clients sharing a system prompt): their own tokens run in one call, as many rows as fit the budget."""
+        groups: dict[tuple[int, int], list[_Entry]] = {}
+        for entry in self._prefilling:  # the ones _group asked the cache about (it leaves the others for later)
+            hit = entry.hit if entry.batch is None and not entry.alone else None
+            if hit is not None:
+                groups.setdefault((hit[0], len(entry.handle.prompt_ids) - hit[0]), []).append(entry)
+        if not groups:
+            return []
+        (_, rest), group = max(groups.items(), key=lambda item: len(item[1]))
+        return group[: max(1, budget // rest)]
+
+    def _resume_together(self, group: list[_Entry]) -> int:
+        """The group's cached prefixes stacked as rows, their own tokens run in one call; the rows that go on join
+        the running batch together. Returns the tokens run."""
+        for entry in group:
+            self._prefilling.remove(entry)
+        reused = group[0].hit[0]
+        arrays = [np.concatenate(rows) for rows in zip(*(entry.hit[1] for entry in group))]
+        rests = [entry.handle.prompt_ids[reused:] for entry in group]
+        for entry in group:
+            entry.hit, entry.handle.cached_tokens = None, reused
+        batch = DecodeBatch(self.model.backend)
+        try:
+            self._hold()
+            batch.resume(arrays, rests, capacity=reused + len(rests[0]))
+            logits = batch.advance(len(rests[0]))
+        except Exception:  # noqa: BLE001 - each is tried alone next (from scratch), so a failure is its own
+            for entry in reversed(group):
+                entry.alone, entry.looked_up, entry.handle.cached_tokens = True, False, 0
+                self._prefilling.insert(0, entry)
+            return len(group) * len(rests[0])
+        self._start(group, batch, logits)
+        return len(group) * len(rests[0])
+
+    def _start(self, group: list[_Entry], batch: DecodeBatch, logits: np.ndarray) -> None:
+        """A prefilled batch of new requests: each offers its prompt to the prefix cache and takes its first token;
+        the rows that go on join the running batch together."""
         going = []
         for row, entry in enumerate(group):
-            self._keep_prefix(prompts[row], lambda: batch.row_cache(row))
+            self._keep_prefix(entry.handle.prompt_ids, lambda: batch.row_cache(row))
             if self._first_token(entry, logits[row]):
                 going.append(row)
         batch.keep(going)
         self._batch.join(batch)
         self._running.extend(group[row] for row in going)
-        return len(group) * width
 
     def _lookup(self, entry: _Entry) -> tuple[int, list[np.ndarray]] | None:
         """The prefix cache's longest match for a new request, looked up (and counted) once."""
@@ -561,6 +629,8 @@ class Engine:
             for row in rows:
                 entry = self._running[row]
                 self._finish(entry, entry.handle.sequence.cancel())
+        if len(rows) == len(self._running):  # the batch ended: its clients may be about to come back together
+            self._ended = (len(rows), time.perf_counter())
         keep = survivors(len(self._running), set(rows))
         self._running = [self._running[i] for i in keep]
         self._batch.keep(keep)

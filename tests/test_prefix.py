@@ -185,3 +185,31 @@ def test_the_serve_gate_runs_the_golden_prompts_through_the_engine_and_refuses_a
     finally:
         engine.close()
     assert failures and "differs from plain decoding" in failures[0]
+
+
+def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model):
+    """Three requests queued together behind a cached system prompt, each with 5 tokens of its own: the cache's
+    rows are stacked and their own tokens run in one [3, 5] call; each still yields what it yields alone."""
+    rng = random.Random(11)
+    system = [rng.randrange(1, 300) for _ in range(2 * BLOCK)]
+    prompts = [system + [rng.randrange(1, 300) for _ in range(5)] for _ in range(3)]
+    engine = Engine(model, EngineConfig(max_running=4, prefix_cache="16MiB"))
+    shapes, decode = [], model.backend.decode
+
+    def counted(ids, *args, **kwargs):
+        shapes.append(ids.shape)
+        return decode(ids, *args, **kwargs)
+
+    try:
+        engine.generate(system + [1], _params(1))  # caches the system prompt's two blocks
+        model.backend.decode = counted
+        with engine._lock:  # the loop waits on this lock: all three are queued when it next looks
+            handles = [engine.submit(p, _params(i)) for i, p in enumerate(prompts)]
+        results = [h.result(60) for h in handles]
+    finally:
+        model.backend.__dict__.pop("decode", None)
+        engine.close()
+    assert shapes[0] == (3, 5)
+    assert [h.cached_tokens for h in handles] == [2 * BLOCK] * 3
+    for i, (prompt, got) in enumerate(zip(prompts, results)):
+        assert got.output_ids == model.generate(prompt, _params(i))[0].output_ids
