@@ -80,6 +80,11 @@ def parse_prefix_cache(value: int | str | None) -> int:
     return size
 
 
+# A batch whose every request ends within this many steps (by its token budget) takes no newcomer: a newcomer's
+# prefill would stretch the gaps before those last tokens, and waiting costs it at most this many steps.
+ENDING = 2
+
+
 def survivors(rows: int, gone: set[int]) -> list[int]:
     """The order the remaining rows take: each freed row is filled from the end, so the fewest rows move (moving a
     row copies its whole cache; closing every gap in order moved half the batch each time a request finished)."""
@@ -369,7 +374,7 @@ class Engine:
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: self._waiting or self._running or self._prefilling or self._closing)
-                if not (self._running or self._prefilling):
+                if not self._running and all(entry.batch is None for entry in self._prefilling):
                     self._regroup()
                 if self._closing and not (self._waiting or self._running or self._prefilling):
                     return
@@ -401,11 +406,13 @@ class Engine:
         from then) until as many have arrived, so they start together. Called holding the lock."""
         ended, at = self._ended
         self._ended = (0, 0.0)
-        if ended < 2 or len(self._waiting) >= min(ended, self.max_running) or self._closing:
-            return
-        deadline = at + self.config.regroup_wait
-        self._lock.wait_for(lambda: len(self._waiting) >= min(ended, self.max_running) or self._closing,
-                            max(0.0, deadline - time.perf_counter()))
+        want = min(ended, self.max_running)
+
+        def arrived() -> bool:
+            return len(self._waiting) + len(self._prefilling) >= want or self._closing
+
+        if ended >= 2 and not arrived():
+            self._lock.wait_for(arrived, max(0.0, at + self.config.regroup_wait - time.perf_counter()))
 
     def _hold(self) -> None:
         if self.model.backend.exclusive and not self._held:
@@ -414,6 +421,8 @@ class Engine:
 
     def _prefill(self) -> None:
         fresh = sum(entry.batch is None for entry in self._prefilling)
+        if fresh and self._running and max(e.handle.sequence.remaining for e in self._running) <= ENDING:
+            return  # the batch ends within ENDING steps: newcomers start with its successors, not in its last gaps
         # While others decode, a newcomer's prefill is cut into small pieces to keep their token gaps even; when
         # the newcomers outnumber them, starting the newcomers together matters more than one longer gap.
         busy = len(self._running) >= max(fresh, 1)
@@ -630,7 +639,7 @@ class Engine:
                 entry = self._running[row]
                 self._finish(entry, entry.handle.sequence.cancel())
         if len(rows) == len(self._running):  # the batch ended: its clients may be about to come back together
-            self._ended = (len(rows), time.perf_counter())
+            self._ended = (len(rows) + len(self._waiting) + len(self._prefilling), time.perf_counter())
         keep = survivors(len(self._running), set(rows))
         self._running = [self._running[i] for i in keep]
         self._batch.keep(keep)

@@ -104,28 +104,37 @@ def test_requests_that_arrive_together_are_prefilled_in_one_call_exactly(model):
 
 
 def test_a_pool_drops_padding_columns_lazily_and_stays_exact(model, monkeypatch):
-    """Rows leaving a pool leave their padding columns behind (moving every row costs a step); once the pool runs
-    out of width the rows move left together. Staggered requests in a 40-token pool: both happen, and every
-    request still yields what it yields alone."""
+    """Rows leaving a pool leave their padding columns behind while they are few (moving every row costs a step),
+    and the rows move left once those columns are over half the width or the pool runs out of width. Four requests
+    prefilled together in a 48-token pool: the long prompt that ends first leaves most of the width padding (the
+    rows move left); the others leave a little (it stays); each request yields what it yields alone."""
     from neodeploy.runtime.batch import DecodeBatch
 
-    compactions, compact = [], DecodeBatch._compact
+    moves, kept, shift, keep = [], [], DecodeBatch._shift, DecodeBatch.keep
 
-    def counted(self):
-        compactions.append(self.width)
-        compact(self)
+    def shifted(self, pool, n, width, by):
+        moves.append(by)
+        shift(self, pool, n, width, by)
 
-    monkeypatch.setattr(DecodeBatch, "_compact", counted)
+    def counted(self, rows):
+        keep(self, rows)
+        if self.rows:
+            kept.append(self.width - int(self.lengths.max()))
+
+    monkeypatch.setattr(DecodeBatch, "_shift", shifted)
+    monkeypatch.setattr(DecodeBatch, "keep", counted)
     rng = random.Random(3)
-    requests = [([rng.randrange(1, 300) for _ in range(rng.randint(2, 20))], rng.randint(5, 18)) for _ in range(12)]
-    engine = Engine(model, EngineConfig(max_running=3, kv_budget=3 * 40))
+    requests = [([rng.randrange(1, 300) for _ in range(n)], new) for n, new in ((5, 30), (30, 2), (4, 12), (6, 20))]
+    engine = Engine(model, EngineConfig(max_running=4, kv_budget=4 * 48))
     try:
-        handles = [engine.submit(prompt, max_new_tokens=n) for prompt, n in requests]
+        with engine._lock:  # the loop waits on this lock: all four are queued when it next looks
+            handles = [engine.submit(prompt, max_new_tokens=n) for prompt, n in requests]
         results = [h.result(timeout=60) for h in handles]
     finally:
         engine.close()
     if model.backend.in_place:  # the pool is the in-place cache's
-        assert compactions
+        assert any(by < 0 for by in moves)  # the rows moved left once the long prompt left
+        assert any(padding > 0 for padding in kept)  # ... and kept a few padding columns later
     for (prompt, n), got in zip(requests, results):
         assert got.output_ids == model.generate(prompt, max_new_tokens=n)[0].output_ids
 
@@ -291,3 +300,36 @@ def test_rows_that_leave_are_filled_from_the_end():
     assert survivors(5, {1}) == [0, 4, 2, 3]  # one row moves, not three
     assert survivors(5, {0, 4}) == [3, 1, 2]
     assert survivors(3, {0, 1, 2}) == [] and survivors(3, set()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("wait", [0.5, 0.0])
+def test_clients_that_come_back_together_after_their_batch_ends_start_together(exported, wait):
+    """Three requests end at the same step; their clients' next requests arrive 30 ms apart. Within regroup_wait
+    the engine waits for all three and prefills them in one call; with 0 it starts the first at once, alone."""
+    model = load(exported("cpu-neo", tiny_neo(), target="cpu")[1])
+    engine = Engine(model, EngineConfig(max_running=3, regroup_wait=wait))
+    shapes, prefill = [], model.backend.prefill
+
+    def counted(ids, *args, **kwargs):
+        shapes.append(ids.shape)
+        return prefill(ids, *args, **kwargs)
+
+    rng = random.Random(8)
+    prompts = [[rng.randrange(1, 300) for _ in range(10)] for _ in range(6)]
+    model.backend.prefill = counted
+    try:
+        with engine._lock:
+            first = [engine.submit(p, max_new_tokens=4) for p in prompts[:3]]
+        [h.result(timeout=60) for h in first]
+        second = []
+        for p in prompts[3:]:
+            second.append(engine.submit(p, max_new_tokens=4))
+            time.sleep(0.03)
+        results = [h.result(timeout=60) for h in second]
+    finally:
+        del model.backend.prefill
+        engine.close()
+    assert shapes[0] == (3, 10)
+    assert shapes[1] == ((3, 10) if wait else (1, 10))
+    for p, got in zip(prompts[3:], results):
+        assert got.output_ids == model.generate(p, max_new_tokens=4)[0].output_ids
