@@ -37,6 +37,9 @@ class Backend(Protocol):
     in_place: bool
     kernel_rotary: Any  # batch.RotaryTable when keys are rotated at their cache index (CPU target), else None
     verifies: bool  # `verify` returns logits at several positions in one call (speculative decoding)
+    # `decode` takes several tokens for each of several rows over a past (GroupQueryAttention's CPU kernel, the CPU
+    # and CUDA targets' attention, takes several tokens over a past for one row only)
+    extends_rows: bool
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 capacity: int | None = None) -> tuple[np.ndarray, Any]:
@@ -133,7 +136,7 @@ class OrtBackend:
 
     def __init__(self, model_path: Path, num_layers: int, num_heads: int, head_dim: int, kv_dtype: np.dtype,
                  providers: list[str] | None = None, threads: int | None = None, in_place: bool = False,
-                 kernel_rotary: Any = None, logits: str = "all"):
+                 kernel_rotary: Any = None, logits: str = "all", extends_rows: bool = False):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -170,6 +173,7 @@ class OrtBackend:
         # all: every position; tail: the last, or the last num_logits when that input is bound; last: the last only
         self.logits = logits
         self.verifies = logits in ("all", "tail")
+        self.extends_rows = extends_rows
         self._ort = ort
 
     def _empty_cache(self, batch: int) -> list[Any]:
@@ -265,7 +269,8 @@ def create_backend(name: str | None, artifact: Path, manifest: Manifest, provide
             rotary = RotaryTable(spec.rotary_dims, spec.rotary_base, spec.rope_scaling_factor)
         return OrtBackend(artifact / manifest.onnx.file, spec.num_layers, spec.num_heads, spec.head_dim,
                           manifest.kv_dtype, providers, threads, in_place=manifest.onnx.kv_cache == "in-place",
-                          kernel_rotary=rotary, logits=manifest.onnx.logits)
+                          kernel_rotary=rotary, logits=manifest.onnx.logits,
+                          extends_rows=manifest.onnx.target == "portable")
     if name in ("tensorrt", "trt"):
         from neodeploy.runtime.trt_backend import TensorRTBackend
 

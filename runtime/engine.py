@@ -498,6 +498,8 @@ class Engine:
     def _hit_group(self, budget: int) -> list[_Entry]:
         """Fresh requests the prefix cache serves with the same reuse and the same number of tokens of their own
         (clients sharing a system prompt): their own tokens run in one call, as many rows as fit the budget."""
+        if not self.model.backend.extends_rows:
+            return []
         groups: dict[tuple[int, int], list[_Entry]] = {}
         for entry in self._prefilling:  # the ones _group asked the cache about (it leaves the others for later)
             hit = entry.hit if entry.batch is None and not entry.alone else None

@@ -108,6 +108,7 @@ class TensorRTBackend:
     exclusive = True  # one set of device buffers: the Model serialises generations on it
     joinable = False  # its cache cannot be re-arranged by rows yet: the engine serves one request at a time
     in_place = False
+    extends_rows = False
     aligned = False
     kernel_rotary = None
     verifies = False  # speculation (several logits positions per decode call) is not wired to its profiles

@@ -189,7 +189,8 @@ def test_the_serve_gate_runs_the_golden_prompts_through_the_engine_and_refuses_a
 
 def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model):
     """Three requests queued together behind a cached system prompt, each with 5 tokens of its own: the cache's
-    rows are stacked and their own tokens run in one [3, 5] call; each still yields what it yields alone."""
+    rows are stacked and their own tokens run in one [3, 5] call (where the graph's attention takes several rows
+    over a past); each still yields what it yields alone."""
     rng = random.Random(11)
     system = [rng.randrange(1, 300) for _ in range(2 * BLOCK)]
     prompts = [system + [rng.randrange(1, 300) for _ in range(5)] for _ in range(3)]
@@ -197,8 +198,9 @@ def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model
     shapes, decode = [], model.backend.decode
 
     def counted(ids, *args, **kwargs):
-        shapes.append(ids.shape)
-        return decode(ids, *args, **kwargs)
+        out = decode(ids, *args, **kwargs)
+        shapes.append(ids.shape)  # calls that succeeded
+        return out
 
     try:
         engine.generate(system + [1], _params(1))  # caches the system prompt's two blocks
@@ -209,7 +211,9 @@ def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model
     finally:
         model.backend.__dict__.pop("decode", None)
         engine.close()
-    assert shapes[0] == (3, 5)
+    # GroupQueryAttention (the CPU target's) takes several tokens over a past for one row only: one row at a time
+    assert shapes[0] == ((3, 5) if model.backend.extends_rows else (1, 5))
+    assert model.backend.extends_rows == (model.manifest.onnx.target == "portable")
     assert [h.cached_tokens for h in handles] == [2 * BLOCK] * 3
     for i, (prompt, got) in enumerate(zip(prompts, results)):
         assert got.output_ids == model.generate(prompt, _params(i))[0].output_ids
