@@ -81,8 +81,9 @@ def test_requests_that_arrive_together_are_prefilled_in_one_call_exactly(model):
     shapes, prefill = [], model.backend.prefill
 
     def counted(ids, *args, **kwargs):
-        shapes.append(ids.shape)
-        return prefill(ids, *args, **kwargs)
+        out = prefill(ids, *args, **kwargs)
+        shapes.append(ids.shape)  # calls that succeeded
+        return out
 
     model.backend.prefill = counted
     try:
@@ -311,8 +312,9 @@ def test_clients_that_come_back_together_after_their_batch_ends_start_together(e
     shapes, prefill = [], model.backend.prefill
 
     def counted(ids, *args, **kwargs):
-        shapes.append(ids.shape)
-        return prefill(ids, *args, **kwargs)
+        out = prefill(ids, *args, **kwargs)
+        shapes.append(ids.shape)  # calls that succeeded
+        return out
 
     rng = random.Random(8)
     prompts = [[rng.randrange(1, 300) for _ in range(10)] for _ in range(6)]
