@@ -423,10 +423,7 @@ class Engine:
         fresh = sum(entry.batch is None for entry in self._prefilling)
         if fresh and self._running and max(e.handle.sequence.remaining for e in self._running) <= ENDING:
             return  # the batch ends within ENDING steps: newcomers start with its successors, not in its last gaps
-        # While others decode, a newcomer's prefill is cut into small pieces to keep their token gaps even; when
-        # the newcomers outnumber them, starting the newcomers together matters more than one longer gap.
-        busy = len(self._running) >= max(fresh, 1)
-        budget = self.config.busy_prefill_chunk if busy else self.config.prefill_chunk
+        budget = self.config.busy_prefill_chunk if self._running else self.config.prefill_chunk
         group = self._group(budget)
         if len(group) > 1:
             budget -= self._prefill_together(group)
