@@ -102,8 +102,7 @@ def train(spec: ModelSpec, data: torch.Tensor, steps: int, seed: int = 0, second
         logits, _ = model(rows[:, :-1])
         held_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, spec.vocab_size), rows[:, 1:].reshape(-1)).item()
     stats = {"family": spec.family, "steps": done, "train_tokens": int(len(train_data)), "held_out_loss": held_loss,
-             "uniform_loss": math.log(spec.vocab_size), "seconds": round(time.perf_counter() - start, 1),
-             "distilled": teacher is not None}
+             "uniform_loss": math.log(spec.vocab_size), "seconds": round(time.perf_counter() - start, 1)}
     return model, stats
 
 

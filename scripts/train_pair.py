@@ -64,6 +64,8 @@ def main() -> None:
         teacher = load_checkpoint(args.out / "target").eval() if name == "draft" and args.distill else None
         model, stats = training.train(spec, data, steps, seed=0, seconds=args.seconds, lr=args.lr,
                                       echo=lambda line: print(f" {name}{line}", flush=True), teacher=teacher)
+        if teacher is not None:
+            stats["distilled_from"] = str(args.out / "target")
         training.save(model, spec, out, stats)
         print(json.dumps({"model": name, "parameters": spec.num_parameters(), **size, **stats}), flush=True)
 
