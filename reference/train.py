@@ -49,9 +49,12 @@ def token_stream(encode: Callable[[str], list[int]], text: str) -> torch.Tensor:
 
 
 def train(spec: ModelSpec, data: torch.Tensor, steps: int, seed: int = 0, seconds: float | None = None,
-          lr: float = 3e-3, echo: Callable[[str], None] = print) -> tuple[torch.nn.Module, dict]:
+          lr: float = 3e-3, echo: Callable[[str], None] = print,
+          teacher: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict]:
     """AdamW with warm-up and cosine decay on random windows of `data`; stops after `steps` or `seconds`.
-    Returns the model (eval mode) and stats with the held-out loss."""
+    With a `teacher` (a model of the same vocabulary), the targets are its next-token distributions instead of the
+    data's next tokens (distillation: a speculative draft learns to agree with its target, not only with the text).
+    Returns the model (eval mode) and stats with the held-out loss (on the data)."""
     from neodeploy.reference import build_model
 
     torch.manual_seed(seed)
@@ -79,7 +82,13 @@ def train(spec: ModelSpec, data: torch.Tensor, steps: int, seed: int = 0, second
         starts = torch.randint(0, len(train_data) - SEQ - 1, (BATCH,), generator=gen)
         batch = torch.stack([train_data[s : s + SEQ + 1] for s in starts])
         logits, _ = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, spec.vocab_size), batch[:, 1:].reshape(-1))
+        if teacher is None:
+            labels = batch[:, 1:].reshape(-1)
+        else:
+            with torch.inference_mode():
+                labels = torch.softmax(teacher(batch[:, :-1])[0].reshape(-1, spec.vocab_size).float(), dim=-1)
+            labels = labels.clone()  # an inference tensor cannot be saved for backward
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, spec.vocab_size), labels)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -24,7 +24,7 @@ from neodeploy.runtime import load
 from neodeploy.runtime.engine import Engine, EngineConfig
 
 
-def code_prompts(count: int) -> list[str]:
+def code_prompts(count: int, vocab: int) -> list[str]:
     import json
     import textwrap
 
@@ -36,7 +36,7 @@ def code_prompts(count: int) -> list[str]:
     return prompts
 
 
-def doc_prompts(count: int) -> list[str]:
+def doc_prompts(count: int, vocab: int) -> list[str]:
     import collections
     import json
     import pathlib
@@ -46,9 +46,9 @@ def doc_prompts(count: int) -> list[str]:
     return [(m.__doc__ or m.__name__)[:400] for m in modules[:count]]
 
 
-def noise_prompts(count: int) -> list[list[int]]:
-    rng = np.random.default_rng(0)
-    return [rng.integers(100, 20000, 24).tolist() * 4 for _ in range(count)]
+def noise_prompts(count: int, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)  # ids a byte-level vocabulary (257) has too
+    return [rng.integers(min(100, vocab // 2), min(20000, vocab), 24).tolist() * 4 for _ in range(count)]
 
 
 WORKLOADS = {"code": code_prompts, "docs": doc_prompts, "noise": noise_prompts}
@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load(args.artifact)
-    prompts = WORKLOADS[args.workload](args.prompts)
+    prompts = WORKLOADS[args.workload](args.prompts, model.vocab_size)
     plain = Engine(model, EngineConfig(max_running=1, prefix_cache=0))
     fast = Engine(model, EngineConfig(max_running=1, prefix_cache=0, speculate=args.speculate,
                                       speculate_tokens=args.speculate_tokens))
