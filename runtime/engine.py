@@ -80,11 +80,6 @@ def parse_prefix_cache(value: int | str | None) -> int:
     return size
 
 
-# A batch whose every request ends within this many steps (by its token budget) takes no newcomer: a newcomer's
-# prefill would stretch the gaps before those last tokens, and waiting costs it at most this many steps.
-ENDING = 2
-
-
 def survivors(rows: int, gone: set[int]) -> list[int]:
     """The order the remaining rows take: each freed row is filled from the end, so the fewest rows move (moving a
     row copies its whole cache; closing every gap in order moved half the batch each time a request finished)."""
@@ -259,7 +254,6 @@ class Handle:
 class _Entry:
     def __init__(self, handle: Handle):
         self.handle, self.batch = handle, None
-        self.looked_up, self.hit = False, None  # the prefix cache's answer, asked once
         self.alone = False  # its group's prefill failed: it is prefilled on its own
 
 
@@ -420,9 +414,6 @@ class Engine:
             self._held = True
 
     def _prefill(self) -> None:
-        fresh = sum(entry.batch is None for entry in self._prefilling)
-        if fresh and self._running and max(e.handle.sequence.remaining for e in self._running) <= ENDING:
-            return  # the batch ends within ENDING steps: newcomers start with its successors, not in its last gaps
         budget = self.config.busy_prefill_chunk if self._running else self.config.prefill_chunk
         group = self._group(budget)
         if len(group) > 1:
@@ -466,7 +457,7 @@ class Engine:
                 continue
             if max(width, len(prompt)) * (len(group) + 1) > budget:
                 break
-            if self._lookup(entry) is not None:
+            if self._reusable(entry):
                 continue
             group.append(entry)
             starts.add(start)
@@ -498,10 +489,10 @@ class Engine:
         if not self.model.backend.extends_rows:
             return []
         groups: dict[tuple[int, int], list[_Entry]] = {}
-        for entry in self._prefilling:  # the ones _group asked the cache about (it leaves the others for later)
-            hit = entry.hit if entry.batch is None and not entry.alone else None
-            if hit is not None:
-                groups.setdefault((hit[0], len(entry.handle.prompt_ids) - hit[0]), []).append(entry)
+        for entry in self._prefilling:
+            reused = self._reusable(entry) if entry.batch is None and not entry.alone else 0
+            if reused:
+                groups.setdefault((reused, len(entry.handle.prompt_ids) - reused), []).append(entry)
         if not groups:
             return []
         (_, rest), group = max(groups.items(), key=lambda item: len(item[1]))
@@ -512,19 +503,22 @@ class Engine:
         the running batch together. Returns the tokens run."""
         for entry in group:
             self._prefilling.remove(entry)
-        reused = group[0].hit[0]
-        arrays = [np.concatenate(rows) for rows in zip(*(entry.hit[1] for entry in group))]
+        hits = [self._lookup(entry) for entry in group]  # the same reuse each: nothing was stored since the match
+        reused = hits[0][0]
         rests = [entry.handle.prompt_ids[reused:] for entry in group]
         for entry in group:
-            entry.hit, entry.handle.cached_tokens = None, reused
+            entry.handle.cached_tokens = reused
         batch = DecodeBatch(self.model.backend)
         try:
+            if any(hit is None or hit[0] != reused for hit in hits):
+                raise RuntimeError("the prefix cache changed between match and lookup")
+            arrays = [np.concatenate(rows) for rows in zip(*(hit[1] for hit in hits))]
             self._hold()
             batch.resume(arrays, rests, capacity=reused + len(rests[0]))
             logits = batch.advance(len(rests[0]))
         except Exception:  # noqa: BLE001 - each is tried alone next (from scratch), so a failure is its own
             for entry in reversed(group):
-                entry.alone, entry.looked_up, entry.handle.cached_tokens = True, False, 0
+                entry.alone, entry.handle.cached_tokens = True, 0
                 self._prefilling.insert(0, entry)
             return len(group) * len(rests[0])
         self._start(group, batch, logits)
@@ -542,14 +536,17 @@ class Engine:
         self._batch.join(batch)
         self._running.extend(group[row] for row in going)
 
+    def _reusable(self, entry: _Entry) -> int:
+        """Prompt tokens of a waiting request the prefix cache holds now (nothing copied)."""
+        return self.prefix.match(entry.handle.prompt_ids) if self.prefix is not None else 0
+
     def _lookup(self, entry: _Entry) -> tuple[int, list[np.ndarray]] | None:
-        """The prefix cache's longest match for a new request, looked up (and counted) once."""
+        """The prefix cache's longest match for a request that starts now (copied out, and counted)."""
         if self.prefix is None:
             return None
-        if not entry.looked_up:
-            entry.looked_up, entry.hit = True, self.prefix.lookup(entry.handle.prompt_ids)
-            self.observer.prefix(len(entry.handle.prompt_ids), entry.hit[0] if entry.hit else 0)
-        return entry.hit
+        hit = self.prefix.lookup(entry.handle.prompt_ids)
+        self.observer.prefix(len(entry.handle.prompt_ids), hit[0] if hit else 0)
+        return hit
 
     def _keep_prefix(self, prompt: list[int], arrays) -> None:
         """Offer a prefilled prompt's KV to the prefix cache (arrays: a callable, so nothing is copied when off)."""
@@ -584,7 +581,6 @@ class Engine:
             logits = entry.batch.prefill([prompt], self.model.pad_token_id, capacity=len(prompt), chunk=budget)
             return logits, int(entry.batch.lengths[0])
         reused, arrays = hit
-        entry.hit = None  # the arrays are the batch's now
         entry.handle.cached_tokens = reused
         entry.batch.resume(arrays, prompt[reused:], capacity=len(prompt))
         logits = entry.batch.advance(budget)

@@ -38,6 +38,18 @@ class PrefixCache:
         self.bytes = 0
         self.query_tokens = self.hit_tokens = 0
 
+    def match(self, prompt: list[int]) -> int:
+        """Tokens of prompt that lookup would reuse now; copies nothing, counts nothing, marks nothing used (the
+        scheduler asks this of every waiting request; holding their copies at once cost fresh pages, 100-200 ms)."""
+        parent, b, matched = 0, self.block, 0
+        usable = len(prompt) - 1
+        for start in range(0, usable - usable % b, b):
+            block = self._blocks.get((parent, tuple(prompt[start:start + b])))
+            if block is None:
+                break
+            parent, matched = block.id, matched + b
+        return matched
+
     def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray]] | None:
         """(tokens reused, the past arrays [1, heads, tokens, head_dim] per past input) for the longest cached
         prefix of prompt that leaves at least one token to run; None on a miss. Counts the query."""

@@ -47,11 +47,6 @@ class Sequence:
     def done(self) -> bool:
         return self.text.done
 
-    @property
-    def remaining(self) -> int:
-        """Tokens left in its budget (it may end sooner: eos, a stop)."""
-        return self.params.max_new_tokens - self.steps
-
     def feed(self, logits: np.ndarray) -> Delta:
         """Sample from this sequence's last-position logits [vocab] and account for the token."""
         constraint = self.constraint
