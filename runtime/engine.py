@@ -7,8 +7,11 @@
     engine.close()
 
 At every step boundary finished sequences (eos, stop id or string, length, cancel) leave the batch and waiting
-requests are admitted: each is prefilled alone (in chunks of `prefill_chunk` tokens, so a long prompt does not
-stall the others' decoding for its whole length) and its cache joins the decode batch (runtime/batch.py). A
+requests are admitted and prefilled: those that arrive together in one left-padded call (_group), a long prompt
+in chunks (`prefill_chunk` while nothing decodes, `busy_prefill_chunk` while others do, so it never stalls their
+decoding for its whole length), prompts the prefix cache serves from their cached prefix; their caches then join
+the decode batch (runtime/batch.py). After a batch ends at one step the loop waits briefly for its clients' next
+requests (_regroup), so they start together. A
 request yields exactly what `Model.generate` yields for it alone: the same Sequence (sampler with its own RNG,
 text stream, stop rules) runs it.
 
@@ -100,7 +103,7 @@ class EngineConfig:
     # prompts prefilled together (rows x the longest, padding included; 8 x 128 in one call: see _group)
     prefill_chunk: int = 1024
     # ... and while others decode: bounds how long a newcomer delays their next token (pythia-160m, 8 clients: 64
-    # halved the p99 gap between tokens, 200 -> 90 ms, for 8 % less throughput than 256; see the README)
+    # halved the p99 gap between tokens, 200 -> 90 ms, for 8 % less throughput than 256; docs/benchmarks.md)
     busy_prefill_chunk: int = 64
     # After several requests end at the same step (clients in a loop, a batch job), wait up to this many seconds for
     # their next requests so they are prefilled together and decode in step: their token gaps then never include

@@ -258,3 +258,21 @@ def plain_and_fused(spec, dtype=None, **fused_options):
         plain, fused = plain.to(dtype), fused.to(dtype)
     fused.use_fused_attention(spec.max_positions, **fused_options)
     return plain, fused
+
+
+@contextlib.contextmanager
+def calls_of(backend, method: str):
+    """The input shapes of a backend method's calls that succeeded while the block runs (an instance attribute
+    wraps the method; removed after): which calls the engine batched."""
+    shapes, real = [], getattr(backend, method)
+
+    def counted(ids, *args, **kwargs):
+        out = real(ids, *args, **kwargs)
+        shapes.append(ids.shape)
+        return out
+
+    setattr(backend, method, counted)
+    try:
+        yield shapes
+    finally:
+        backend.__dict__.pop(method, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -9,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tiny_neo, tiny_neox
+from conftest import calls_of, tiny_neo, tiny_neox
 from neodeploy.core.errors import OverloadedError, UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.batch import RotaryTable
@@ -78,15 +79,7 @@ def test_requests_that_arrive_together_are_prefilled_in_one_call_exactly(model):
     params = [SamplingParams(max_new_tokens=n, temperature=t, seed=i)
               for i, (n, t) in enumerate([(7, 0.0), (9, 0.0), (1, 0.0), (8, 0.9)])]
     engine = Engine(model, EngineConfig(max_running=4, prefix_cache="16MiB"))
-    shapes, prefill = [], model.backend.prefill
-
-    def counted(ids, *args, **kwargs):
-        out = prefill(ids, *args, **kwargs)
-        shapes.append(ids.shape)  # calls that succeeded
-        return out
-
-    model.backend.prefill = counted
-    try:
+    with calls_of(model.backend, "prefill") as shapes, contextlib.closing(engine):
         with engine._lock:  # the loop waits on this lock: all four are queued when it next looks
             handles = [engine.submit(p, q) for p, q in zip(prompts, params)]
         results = [h.result(timeout=60) for h in handles]
@@ -95,9 +88,6 @@ def test_requests_that_arrive_together_are_prefilled_in_one_call_exactly(model):
         later = engine.submit(extended, params[1])
         assert later.result(timeout=60).output_ids == model.generate(extended, params[1])[0].output_ids
         assert later.cached_tokens == 2 * BLOCK
-    finally:
-        del model.backend.prefill
-        engine.close()
     for prompt, q, got in zip(prompts, params, results):
         want = model.generate(prompt, q)[0]
         assert (got.output_ids, got.finish_reason) == (want.output_ids, want.finish_reason)
@@ -309,17 +299,9 @@ def test_clients_that_come_back_together_after_their_batch_ends_start_together(e
     the engine waits for all three and prefills them in one call; with 0 it starts the first at once, alone."""
     model = load(exported("cpu-neo", tiny_neo(), target="cpu")[1])
     engine = Engine(model, EngineConfig(max_running=3, regroup_wait=wait))
-    shapes, prefill = [], model.backend.prefill
-
-    def counted(ids, *args, **kwargs):
-        out = prefill(ids, *args, **kwargs)
-        shapes.append(ids.shape)  # calls that succeeded
-        return out
-
     rng = random.Random(8)
     prompts = [[rng.randrange(1, 300) for _ in range(10)] for _ in range(6)]
-    model.backend.prefill = counted
-    try:
+    with calls_of(model.backend, "prefill") as shapes, contextlib.closing(engine):
         with engine._lock:
             first = [engine.submit(p, max_new_tokens=4) for p in prompts[:3]]
         [h.result(timeout=60) for h in first]
@@ -328,9 +310,6 @@ def test_clients_that_come_back_together_after_their_batch_ends_start_together(e
             second.append(engine.submit(p, max_new_tokens=4))
             time.sleep(0.03)
         results = [h.result(timeout=60) for h in second]
-    finally:
-        del model.backend.prefill
-        engine.close()
     assert shapes[0] == (3, 10)
     assert shapes[1] == ((3, 10) if wait else (1, 10))
     for p, got in zip(prompts[3:], results):

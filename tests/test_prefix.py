@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import tiny_neo, tiny_neox
+from conftest import calls_of, tiny_neo, tiny_neox
 from neodeploy.core.errors import UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.engine import Engine, EngineConfig, parse_prefix_cache
@@ -195,21 +195,13 @@ def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model
     system = [rng.randrange(1, 300) for _ in range(2 * BLOCK)]
     prompts = [system + [rng.randrange(1, 300) for _ in range(5)] for _ in range(3)]
     engine = Engine(model, EngineConfig(max_running=4, prefix_cache="16MiB"))
-    shapes, decode = [], model.backend.decode
-
-    def counted(ids, *args, **kwargs):
-        out = decode(ids, *args, **kwargs)
-        shapes.append(ids.shape)  # calls that succeeded
-        return out
-
     try:
         engine.generate(system + [1], _params(1))  # caches the system prompt's two blocks
-        model.backend.decode = counted
-        with engine._lock:  # the loop waits on this lock: all three are queued when it next looks
-            handles = [engine.submit(p, _params(i)) for i, p in enumerate(prompts)]
-        results = [h.result(60) for h in handles]
+        with calls_of(model.backend, "decode") as shapes:
+            with engine._lock:  # the loop waits on this lock: all three are queued when it next looks
+                handles = [engine.submit(p, _params(i)) for i, p in enumerate(prompts)]
+            results = [h.result(60) for h in handles]
     finally:
-        model.backend.__dict__.pop("decode", None)
         engine.close()
     # GroupQueryAttention (the CPU target's) takes several tokens over a past for one row only: one row at a time
     assert shapes[0] == ((3, 5) if model.backend.extends_rows else (1, 5))
