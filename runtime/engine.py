@@ -121,25 +121,28 @@ class EngineConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_waiting" else 1):
                 raise UsageError(f"{name} must be a {'non-negative' if name == 'max_waiting' else 'positive'} integer, got {value!r}")
         if not isinstance(self.regroup_wait, (int, float)) or isinstance(self.regroup_wait, bool) or not 0 <= self.regroup_wait <= 1:
-            raise UsageError(f"regroup_wait must be seconds between 0 and 1, got {self.regroup_wait!r}")
+            raise UsageError(f"--regroup-wait (regroup_wait) must be seconds between 0 and 1 (0: never wait), "
+                             f"got {self.regroup_wait!r}")
         parse_prefix_cache(self.prefix_cache)
         check_tokens(self.speculate_tokens)
 
     @classmethod
     def from_strings(cls, values: dict[str, Any]) -> EngineConfig:
-        """From text such as `serve run … max_running=4 kv_budget=2GiB`: a field whose default is an integer reads
-        an integer; sizes and names stay text (each field's own parser reads them). Absent fields keep their
+        """From text such as `serve run … max_running=4 kv_budget=2GiB`: a field whose default is an integer (a
+        float) reads an integer (a number); sizes and names stay text (each field's own parser reads them). Absent fields keep their
         defaults; names that are no field are the caller's to refuse."""
         given = {}
         for f in fields(cls):
             if f.name not in values:
                 continue
             value = values[f.name]
-            if isinstance(f.default, int) and isinstance(value, str):
+            number = type(f.default) if type(f.default) in (int, float) else None
+            if number is not None and isinstance(value, str):
                 try:
-                    value = int(value)
+                    value = number(value)
                 except ValueError:
-                    raise UsageError(f"{f.name} must be an integer, got {value!r}") from None
+                    raise UsageError(f"{f.name} must be {'an integer' if number is int else 'a number'}, "
+                                     f"got {value!r}") from None
             given[f.name] = value
         return cls(**given)
 

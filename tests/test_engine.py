@@ -314,3 +314,13 @@ def test_clients_that_come_back_together_after_their_batch_ends_start_together(e
     assert shapes[1] == ((3, 10) if wait else (1, 10))
     for p, got in zip(prompts[3:], results):
         assert got.output_ids == model.generate(p, max_new_tokens=4)[0].output_ids
+
+
+def test_engine_config_from_text_reads_numbers_and_refuses_the_rest():
+    """Ray's `serve run … key=value` arguments arrive as text: integers and seconds are read as such."""
+    config = EngineConfig.from_strings({"max_running": "4", "regroup_wait": "0.05", "kv_budget": "2GiB"})
+    assert (config.max_running, config.regroup_wait, config.kv_budget) == (4, 0.05, "2GiB")
+    with pytest.raises(UsageError, match="regroup_wait must be a number"):
+        EngineConfig.from_strings({"regroup_wait": "soon"})
+    with pytest.raises(UsageError, match="--regroup-wait .* between 0 and 1"):
+        EngineConfig(regroup_wait=5)
