@@ -129,8 +129,8 @@ class EngineConfig:
     @classmethod
     def from_strings(cls, values: dict[str, Any]) -> EngineConfig:
         """From text such as `serve run … max_running=4 kv_budget=2GiB`: a field whose default is an integer (a
-        float) reads an integer (a number); sizes and names stay text (each field's own parser reads them). Absent fields keep their
-        defaults; names that are no field are the caller's to refuse."""
+        float) reads an integer (a number); sizes and names stay text (each field's own parser reads them). Absent
+        fields keep their defaults; names that are no field are the caller's to refuse."""
         given = {}
         for f in fields(cls):
             if f.name not in values:
@@ -510,7 +510,7 @@ class Engine:
         for entry in group:
             self._prefilling.remove(entry)
         hits = [self._lookup(entry) for entry in group]  # the same reuse each: nothing was stored since the match
-        reused = hits[0][0]
+        reused = hits[0][0] if hits[0] is not None else 0
         rests = [entry.handle.prompt_ids[reused:] for entry in group]
         for entry in group:
             entry.handle.cached_tokens = reused

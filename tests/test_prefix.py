@@ -209,3 +209,35 @@ def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model
     assert [h.cached_tokens for h in handles] == [2 * BLOCK] * 3
     for i, (prompt, got) in enumerate(zip(prompts, results)):
         assert got.output_ids == model.generate(prompt, _params(i))[0].output_ids
+
+
+def test_a_failing_stacked_call_falls_back_to_one_request_at_a_time(model):
+    """Where the stacked call of cached rows fails (here: injected), each request is tried alone from the cache:
+    nobody fails for a neighbour, and each still yields what it yields alone."""
+    if not model.backend.extends_rows:
+        pytest.skip("the CPU target's attention runs cached rows one at a time: no stacked call to fail")
+    rng = random.Random(12)
+    system = [rng.randrange(1, 300) for _ in range(2 * BLOCK)]
+    prompts = [system + [rng.randrange(1, 300) for _ in range(4)] for _ in range(3)]
+    engine = Engine(model, EngineConfig(max_running=4, prefix_cache="16MiB"))
+    decode, refused = model.backend.decode, []
+
+    def refuses_stacks(ids, *args, **kwargs):
+        if ids.shape[0] > 1 and ids.shape[1] > 1:
+            refused.append(ids.shape)
+            raise RuntimeError("injected fault")
+        return decode(ids, *args, **kwargs)
+
+    try:
+        engine.generate(system + [1], _params(1))
+        model.backend.decode = refuses_stacks
+        with engine._lock:
+            handles = [engine.submit(p, _params(i)) for i, p in enumerate(prompts)]
+        results = [h.result(60) for h in handles]
+    finally:
+        model.backend.__dict__.pop("decode", None)
+        engine.close()
+    assert refused == [(3, 4)]
+    assert [h.cached_tokens for h in handles] == [2 * BLOCK] * 3
+    for i, (prompt, got) in enumerate(zip(prompts, results)):
+        assert got.output_ids == model.generate(prompt, _params(i))[0].output_ids
