@@ -237,8 +237,6 @@ class DecodeBatch:
         before, old_width = self.rows, self.width
         self.mask, self.lengths = self.mask[rows], self.lengths[rows]
         drop = int(old_width - self.lengths.max()) if len(rows) else old_width
-        if self.capacity_rows and len(rows) and 2 * drop <= old_width:
-            drop = 0  # padding columns cost a little attention; moving every row costs a step (see _compact)
         if self.capacity_rows:
             if self.state is not None:
                 pool = self.backend.cache_arrays(self.state, self.capacity_rows, old_width)  # filled columns only
@@ -246,9 +244,11 @@ class DecodeBatch:
                 if moved:  # ascending targets from rows in their old order: a row is never overwritten before it moves
                     for p in pool:
                         p[[i for i, _ in moved]] = p[[r for _, r in moved]]
-                self._shift(pool, len(rows), old_width, -drop)
                 self.backend.set_rows(self.state, len(rows))
-        elif len(rows):
+            if not len(rows) or 2 * drop > old_width:  # else lazily: padding costs a little attention, a move a step
+                self._compact()
+            return
+        if len(rows):
             arrays = [np.ascontiguousarray(a[rows][:, :, drop:])
                       for a in self.backend.cache_arrays(self.state, before, old_width)]
             self._rotate(arrays, slice(0, len(rows)), 0, old_width - drop, -drop)

@@ -482,11 +482,9 @@ class Engine:
             self._hold()
             logits = batch.prefill(prompts, self.model.pad_token_id, capacity=width)
         except Exception:  # noqa: BLE001 - each is tried alone next, so a request that fails fails on its own
-            for entry in reversed(group):
-                entry.alone = True
-                self._prefilling.insert(0, entry)
-            return len(group) * width
-        self._start(group, batch, logits)
+            self._retry_alone(group)
+        else:
+            self._start(group, batch, logits)
         return len(group) * width
 
     def _hit_group(self, budget: int) -> list[_Entry]:
@@ -523,12 +521,16 @@ class Engine:
             batch.resume(arrays, rests, capacity=reused + len(rests[0]))
             logits = batch.advance(len(rests[0]))
         except Exception:  # noqa: BLE001 - each is tried alone next (from scratch), so a failure is its own
-            for entry in reversed(group):
-                entry.alone, entry.handle.cached_tokens = True, 0
-                self._prefilling.insert(0, entry)
-            return len(group) * len(rests[0])
-        self._start(group, batch, logits)
+            self._retry_alone(group)
+        else:
+            self._start(group, batch, logits)
         return len(group) * len(rests[0])
+
+    def _retry_alone(self, group: list[_Entry]) -> None:
+        """A group's call failed: its requests go back to the front, each to be prefilled on its own."""
+        for entry in reversed(group):
+            entry.alone, entry.handle.cached_tokens = True, 0
+            self._prefilling.insert(0, entry)
 
     def _start(self, group: list[_Entry], batch: DecodeBatch, logits: np.ndarray) -> None:
         """A prefilled batch of new requests: each offers its prompt to the prefix cache and takes its first token;

@@ -38,32 +38,31 @@ class PrefixCache:
         self.bytes = 0
         self.query_tokens = self.hit_tokens = 0
 
-    def match(self, prompt: list[int]) -> int:
-        """Tokens of prompt that lookup would reuse now; copies nothing, counts nothing, marks nothing used (the
-        scheduler asks this of every waiting request; holding their copies at once cost fresh pages, 100-200 ms)."""
-        parent, b, matched = 0, self.block, 0
-        usable = len(prompt) - 1
-        for start in range(0, usable - usable % b, b):
-            block = self._blocks.get((parent, tuple(prompt[start:start + b])))
-            if block is None:
-                break
-            parent, matched = block.id, matched + b
-        return matched
-
-    def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray]] | None:
-        """(tokens reused, the past arrays [1, heads, tokens, head_dim] per past input) for the longest cached
-        prefix of prompt that leaves at least one token to run; None on a miss. Counts the query."""
-        self.query_tokens += len(prompt)
-        found, keys, parent, b = [], [], 0, self.block
+    def _chain(self, prompt: list[int]) -> list[tuple[tuple, _Block]]:
+        """The cached blocks that start prompt, in order, as (key, block): whole blocks only, and at least one
+        token of prompt left after them (its last position's logits must be computed)."""
+        chain, parent, b = [], 0, self.block
         usable = len(prompt) - 1
         for start in range(0, usable - usable % b, b):
             key = (parent, tuple(prompt[start:start + b]))
             block = self._blocks.get(key)
             if block is None:
                 break
-            keys.append(key)
-            found.append(block.kv)
+            chain.append((key, block))
             parent = block.id
+        return chain
+
+    def match(self, prompt: list[int]) -> int:
+        """Tokens of prompt that lookup would reuse now; copies nothing, counts nothing, marks nothing used (the
+        scheduler asks this of every waiting request; holding their copies at once cost fresh pages, 100-200 ms)."""
+        return len(self._chain(prompt)) * self.block
+
+    def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray]] | None:
+        """(tokens reused, the past arrays [1, heads, tokens, head_dim] per past input) for the longest cached
+        prefix of prompt that leaves at least one token to run; None on a miss. Counts the query."""
+        self.query_tokens += len(prompt)
+        chain = self._chain(prompt)
+        keys, found = [key for key, _ in chain], [block.kv for _, block in chain]
         self._touch(keys)
         if not found:
             return None
