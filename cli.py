@@ -690,7 +690,8 @@ def _add_serve(sub, backend: argparse.ArgumentParser, speculate: argparse.Argume
                    help="after several requests end at once, wait up to this long for their clients' next requests "
                    "so those start together and decode in step (default %(default)s; 0: never wait)")
     p.add_argument("--prefix-cache", default=EngineConfig.prefix_cache, metavar="SIZE", help="memory for reusing the KV of shared prompt "
-                   "prefixes (512MiB, 2GB; default auto: min(1 GiB, a tenth of this machine's memory))")
+                   "prefixes (512MiB, 2GB; default auto: as much as the running slots' KV cache, at most 1 GiB and a "
+                   "tenth of this machine's memory; the server allocates and touches it before it reports ready)")
     p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set NEODEPLOY_API_KEY)")
     p.add_argument("--model-name", help="the model id clients send (default: the artifact folder's name)")

@@ -181,9 +181,9 @@ class AlignedBatch(DecodeBatch):
     def start(self, ids, mask, capacity, chunk=None):
         return super().start(*align_left(ids, mask), capacity, chunk)
 
-    def _load(self, arrays, capacity):
-        self.state = self.backend.new_cache(arrays[0].shape[0], capacity)
-        self.backend.load_rows(self.state, arrays)
+    def _load(self, past, capacity):
+        self.state = self.backend.new_cache(past.rows, capacity)
+        self.backend.load_rows(self.state, past.arrays())
 
     def _feed(self, ids, run):
         n = ids.shape[1]

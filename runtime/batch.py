@@ -15,11 +15,14 @@ kernel, which rotates keys at their cache index: those keys are re-rotated by th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from neodeploy.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from neodeploy.runtime.prefix import Hit
 
 
 def position_ids(mask: np.ndarray) -> np.ndarray:
@@ -116,24 +119,22 @@ class DecodeBatch:
         self.mask, self.lengths = mask, mask.sum(1)
         return None if self.pending is not None else logits
 
-    def resume(self, arrays: list[np.ndarray], rest: Sequence[int] | Sequence[Sequence[int]], capacity: int) -> None:
-        """Start a prefill from cached past arrays [rows, heads, m, head_dim] (the prefix cache's) with the rest of
-        each row's prompt pending (one list for one row; rests of one length for several): `advance` then runs
-        it as it runs a chunked prefill's later chunks."""
-        rows, m = arrays[0].shape[0], arrays[0].shape[2]
-        self._load(arrays, max(capacity, m + 1))
+    def resume(self, past: Hit, rest: Sequence[int] | Sequence[Sequence[int]], capacity: int) -> None:
+        """Start a prefill from the prefix cache's past (past.rows rows of past.tokens) with the rest of each row's
+        prompt pending (one list for one row; rests of one length for several): `advance` then runs it as it runs
+        a chunked prefill's later chunks."""
+        rows, m = past.rows, past.tokens
+        self._load(past, max(capacity, m + 1))
         self.mask, self.lengths = np.ones((rows, m), np.int64), np.full(rows, m, np.int64)
         self.pending = np.asarray(rest, dtype=np.int64).reshape(rows, -1)
 
-    def _load(self, arrays: list[np.ndarray], capacity: int) -> None:
-        """A cache holding exactly these past arrays (room for `capacity` tokens where it is in place)."""
+    def _load(self, past: Hit, capacity: int) -> None:
+        """A cache holding exactly this past (room for `capacity` tokens where it is in place)."""
         if self.backend.in_place:
-            rows, m = arrays[0].shape[0], arrays[0].shape[2]
-            self.state = self.backend.new_cache(rows, capacity)
-            for dst, src in zip(self.backend.cache_arrays(self.state, rows, m), arrays):
-                dst[...] = src
+            self.state = self.backend.new_cache(past.rows, capacity)
+            past.write_into(self.backend.cache_arrays(self.state, past.rows, past.tokens))
         else:
-            self.state = self.backend.wrap_cache(arrays)
+            self.state = self.backend.wrap_cache(past.arrays())
 
     def advance(self, chunk: int) -> np.ndarray | None:
         """Run the next chunk of a chunked prefill (its rows' pending tokens are of one length); returns the logits
@@ -258,12 +259,16 @@ class DecodeBatch:
         self.mask = self.mask[:, drop:]
 
     def row_cache(self, row: int) -> list[np.ndarray]:
-        """One row's real columns as a batch-1 prefill without padding holds them (copies; the CPU target's keys
-        re-rotated from their padded index), [1, heads, length, head_dim] per past input: what the prefix cache
-        keeps of a prompt prefilled with others."""
+        """One row's real columns as a batch-1 prefill without padding holds them, [1, heads, length, head_dim] per
+        past input: what the prefix cache keeps of a prompt prefilled with others. Views of the cache where the row
+        has no padding or nothing rotates at the cache index, else copies with the CPU target's keys re-rotated from
+        their padded index (8 rows x 3 ms of copying delayed a whole wave's second token)."""
         length = int(self.lengths[row])
         pad = self.width - length
-        arrays = [np.array(a[row : row + 1, :, pad:]) for a in self.backend.cache_arrays(self.state, self.rows, self.width)]
+        views = [a[row : row + 1, :, pad:] for a in self.backend.cache_arrays(self.state, self.rows, self.width)]
+        if pad == 0 or self.backend.kernel_rotary is None:
+            return views
+        arrays = [np.array(v) for v in views]
         self._rotate(arrays, slice(0, 1), 0, length, -pad)
         return arrays
 

@@ -7,6 +7,13 @@ a block is only ever reached through the exact tokens before it, so a hit is an 
 values of its tokens for every layer, copied out of the prefill that computed them, within a byte budget;
 the least recently used block goes first (a block whose parent went is unreachable and ages out the same way).
 
+The blocks live in one pool allocated once ([2 x layers, heads, slots, BLOCK, head_dim]: a hit's blocks come
+out of each past input in one gather, already side by side); an evicted block's slot
+is reused. Allocating each block anew grew the process's memory block by block while serving, and on a virtual
+machine a page touched for the first time can cost milliseconds: storing one 128-token prompt of pythia-160m took
+65 ms that way (4 ms into touched memory). `warm()` touches the whole pool up front (the server does it before it
+reports ready).
+
 A prompt's reuse stops one token short of its end (the last position's logits must be computed) and at a block
 boundary. The cached keys and values are those a batch-1 prefill without padding computed at the same positions,
 which is what the engine's own prefill of the new prompt would compute there (rotary inside the CPU target's kernel
@@ -24,19 +31,83 @@ import numpy as np
 BLOCK = 16  # tokens per block (vLLM's default)
 
 
+class Hit:
+    """Cached prefixes of one length, one per row, as a batch's past: written straight from the pool into a cache's
+    rows (an in-place graph's cache: one copy, no array in between) or copied out as arrays [rows, heads, tokens,
+    head_dim] (a graph that takes its past as inputs). Valid until the cache next stores (a slot may be reused)."""
+
+    def __init__(self, pool: np.ndarray, rows: list[list[int]], block: int):
+        self._pool, self._rows, self.block = pool, rows, block
+        self.tokens = len(rows[0]) * block
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
+
+    @staticmethod
+    def stack(hits: list[Hit]) -> Hit:
+        """Several requests' hits as the rows of one past (they reuse the same number of tokens)."""
+        if any(hit.tokens != hits[0].tokens for hit in hits):
+            raise ValueError("stacked hits must reuse the same number of tokens")
+        return Hit(hits[0]._pool, [row for hit in hits for row in hit._rows], hits[0].block)
+
+    def write_into(self, views: list[np.ndarray]) -> None:
+        """views: per past input, a cache's [rows, heads, >= tokens, head_dim] (its first rows)."""
+        blocks = len(self._rows[0])
+        for i, view in enumerate(views):
+            for r, slots in enumerate(self._rows):
+                dst = view[r, :, : self.tokens]
+                # the same memory seen as [heads, blocks, BLOCK, head_dim]: take() gathers the slots into it
+                split = np.lib.stride_tricks.as_strided(
+                    dst, (dst.shape[0], blocks, self.block, dst.shape[2]),
+                    (dst.strides[0], self.block * dst.strides[1], dst.strides[1], dst.strides[2]))
+                np.take(self._pool[i], slots, axis=1, out=split, mode="clip")
+
+    def arrays(self) -> list[np.ndarray]:
+        heads, head_dim = self._pool.shape[1], self._pool.shape[4]
+        return [np.stack([self._pool[i][:, slots].reshape(heads, self.tokens, head_dim) for slots in self._rows])
+                for i in range(self._pool.shape[0])]
+
+
 @dataclass
 class _Block:
     id: int
-    kv: np.ndarray  # [2 x layers, heads, BLOCK, head_dim]: past_key_values.{i}.key / value in order
+    slot: int  # its index in the pool's slots axis
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, block: int = BLOCK):
-        self.budget, self.block = budget_bytes, block
+    def __init__(self, budget_bytes: int, block: int = BLOCK, layout: tuple[int, int, int] | None = None,
+                 dtype=np.float32):
+        """layout: (past inputs = 2 x layers, heads, head_dim) of the model, so the pool can be made (and warmed)
+        before the first store; without it the first stored prompt's arrays give it."""
+        self.budget, self.block, self.dtype = budget_bytes, block, np.dtype(dtype)
+        self._layout = layout
         self._blocks: collections.OrderedDict[tuple[int, tuple[int, ...]], _Block] = collections.OrderedDict()
+        self._pool: np.ndarray | None = None
+        self._free: list[int] = []
         self._next_id = 1
-        self.bytes = 0
         self.query_tokens = self.hit_tokens = 0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of KV held (the pool's slots in use)."""
+        return len(self._blocks) * self._block_bytes() if self._layout is not None else 0
+
+    def _block_bytes(self) -> int:
+        inputs, heads, head_dim = self._layout
+        return inputs * heads * self.block * head_dim * self.dtype.itemsize
+
+    def _ensure_pool(self) -> np.ndarray:
+        if self._pool is None:
+            slots = self.budget // self._block_bytes()
+            self._pool = np.empty((self._layout[0], self._layout[1], slots, self.block, self._layout[2]), self.dtype)
+            self._free = list(range(slots - 1, -1, -1))
+        return self._pool
+
+    def warm(self) -> None:
+        """Touch the whole pool now, so that storing prefixes later never waits for fresh memory pages."""
+        if self._layout is not None:
+            self._ensure_pool().fill(0)
 
     def _chain(self, prompt: list[int]) -> list[tuple[tuple, _Block]]:
         """The cached blocks that start prompt, in order, as (key, block): whole blocks only, and at least one
@@ -57,36 +128,40 @@ class PrefixCache:
         scheduler asks this of every waiting request; holding their copies at once cost fresh pages, 100-200 ms)."""
         return len(self._chain(prompt)) * self.block
 
-    def lookup(self, prompt: list[int]) -> tuple[int, list[np.ndarray]] | None:
-        """(tokens reused, the past arrays [1, heads, tokens, head_dim] per past input) for the longest cached
-        prefix of prompt that leaves at least one token to run; None on a miss. Counts the query."""
+    def lookup(self, prompt: list[int]) -> Hit | None:
+        """The longest cached prefix of prompt that leaves at least one token to run (Hit.tokens long); None on a
+        miss. Counts the query."""
         self.query_tokens += len(prompt)
         chain = self._chain(prompt)
-        keys, found = [key for key, _ in chain], [block.kv for _, block in chain]
-        self._touch(keys)
-        if not found:
+        self._touch([key for key, _ in chain])
+        if not chain:
             return None
-        kv = np.concatenate(found, axis=2)  # [2L, heads, tokens, head_dim]
-        self.hit_tokens += kv.shape[2]
-        return kv.shape[2], [a[None] for a in kv]
+        hit = Hit(self._pool, [[block.slot for _, block in chain]], self.block)
+        self.hit_tokens += hit.tokens
+        return hit
 
     def store(self, prompt: list[int], arrays: list[np.ndarray]) -> None:
         """Keep the whole blocks of a prefilled prompt; arrays: its past [1, heads, >= len(prompt), head_dim]."""
+        if self._layout is None:
+            self._layout = (len(arrays), arrays[0].shape[1], arrays[0].shape[3])
+            self.dtype = arrays[0].dtype
+        pool = self._ensure_pool()
+        if not pool.shape[2]:
+            return  # the budget holds no block
         keys, parent, b = [], 0, self.block
         for start in range(0, len(prompt) - len(prompt) % b, b):
             key = (parent, tuple(prompt[start:start + b]))
             block = self._blocks.get(key)
             if block is None:
-                kv = np.stack([a[0, :, start:start + b] for a in arrays])
-                if kv.nbytes > self.budget:
-                    break
                 self._touch(keys)  # this prompt's earlier blocks are not the ones to make room
-                while self.bytes + kv.nbytes > self.budget:
+                if not self._free:
                     _, old = self._blocks.popitem(last=False)
-                    self.bytes -= old.kv.nbytes
-                block = self._blocks[key] = _Block(self._next_id, kv)
+                    self._free.append(old.slot)
+                slot = self._free.pop()
+                for i, a in enumerate(arrays):
+                    pool[i, :, slot] = a[0, :, start:start + b]
+                block = self._blocks[key] = _Block(self._next_id, slot)
                 self._next_id += 1
-                self.bytes += kv.nbytes
             keys.append(key)
             parent = block.id
         self._touch(keys)
@@ -100,4 +175,4 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._blocks.clear()
-        self.bytes = 0
+        self._free = list(range(self._pool.shape[2] - 1, -1, -1)) if self._pool is not None else []

@@ -85,6 +85,8 @@ class ServerState:
             chat = ("from --chat-template" if options.chat_template else "from the artifact") if self.chat else \
                 "none: chat completions answer 400"
             self.engine = Engine(model, options.engine)
+            if self.engine.prefix is not None:
+                self.engine.prefix.warm()  # its memory touched now, not page by page while requests wait
             if not options.skip_check:
                 self._check_engine(model)
             self.engine.observer = self.metrics  # from here on: the gate's own requests are not the server's traffic

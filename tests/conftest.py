@@ -261,18 +261,33 @@ def plain_and_fused(spec, dtype=None, **fused_options):
 
 
 @contextlib.contextmanager
-def calls_of(backend, method: str):
-    """The input shapes of a backend method's calls that succeeded while the block runs (an instance attribute
-    wraps the method; removed after): which calls the engine batched."""
-    shapes, real = [], getattr(backend, method)
+def call_log(backend, *methods: str, hook=None):
+    """(method, input shape) of the backend's calls that succeeded while the block runs, in order (instance
+    attributes wrap the methods; removed after): which calls the engine batched, and in what order. hook(method,
+    shape), if given, runs after each call, in the engine's thread (to submit a request at an exact point)."""
+    log = []
 
-    def counted(ids, *args, **kwargs):
-        out = real(ids, *args, **kwargs)
-        shapes.append(ids.shape)
-        return out
+    def wrap(method, real):
+        def counted(ids, *args, **kwargs):
+            out = real(ids, *args, **kwargs)
+            log.append((method, ids.shape))
+            if hook is not None:
+                hook(method, ids.shape)
+            return out
+        return counted
 
-    setattr(backend, method, counted)
+    for method in methods:
+        setattr(backend, method, wrap(method, getattr(backend, method)))
     try:
-        yield shapes
+        yield log
     finally:
-        backend.__dict__.pop(method, None)
+        for method in methods:
+            backend.__dict__.pop(method, None)
+
+
+@contextlib.contextmanager
+def calls_of(backend, method: str):
+    """The input shapes of one backend method's calls that succeeded while the block runs."""
+    shapes = []
+    with call_log(backend, method, hook=lambda _, shape: shapes.append(shape)):
+        yield shapes

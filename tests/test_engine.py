@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import calls_of, tiny_neo, tiny_neox
+from conftest import call_log, calls_of, tiny_neo, tiny_neox
 from neodeploy.core.errors import OverloadedError, UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.batch import RotaryTable
@@ -314,6 +314,60 @@ def test_clients_that_come_back_together_after_their_batch_ends_start_together(e
     assert shapes[1] == ((3, 10) if wait else (1, 10))
     for p, got in zip(prompts[3:], results):
         assert got.output_ids == model.generate(p, max_new_tokens=4)[0].output_ids
+
+
+def test_requests_that_arrive_while_a_wave_is_prefilled_join_it_before_its_first_step(model):
+    """The first request is prefilled alone (nothing else is there yet); three more arrive during that call. They
+    are prefilled together before anybody decodes, so all four decode in step from their first token on (and end
+    at one step): the running row's next token waits for the wave instead of every newcomer stalling it later."""
+    engine = Engine(model, EngineConfig(max_running=4))
+    rng = random.Random(11)
+    prompts = [[rng.randrange(1, 300) for _ in range(12)] for _ in range(4)]
+    later = []
+
+    def arrive(method, shape):
+        if method == "prefill" and not later:
+            later.extend(engine.submit(p, max_new_tokens=5) for p in prompts[1:])
+
+    with call_log(model.backend, "prefill", "decode", hook=arrive) as log, contextlib.closing(engine):
+        first = engine.submit(prompts[0], max_new_tokens=5)
+        results = [first.result(timeout=60)] + [h.result(timeout=60) for h in later]
+    assert log[:3] == [("prefill", (1, 12)), ("prefill", (3, 12)), ("decode", (4, 1))]
+    assert [shape for _, shape in log[3:]] == [(4, 1)] * 3  # in step to the end
+    for p, got in zip(prompts, results):
+        assert got.output_ids == model.generate(p, max_new_tokens=5)[0].output_ids
+
+
+def test_a_newcomer_waits_for_a_batch_that_ends_sooner_than_its_prefill_would_take(exported):
+    """A long prompt that arrives one step before the running request ends waits for that step (its prefill would
+    stall the running request longer than the wait costs it); a short one that arrives with steps to go starts at
+    once. The engine decides on its own measured step and prefill times; outputs are exact either way."""
+    model = load(exported("cpu-neo", tiny_neo(), target="cpu")[1])
+    engine = Engine(model, EngineConfig(max_running=2, prefix_cache=0))
+    rng = random.Random(12)
+    running, long, short = ([rng.randrange(1, 300) for _ in range(n)] for n in (40, 110, 3))
+    newcomers = {}
+
+    def arrive(method, shape):
+        steps = sum(m == "decode" for m, _ in log)
+        if method == "decode" and steps == 1:
+            newcomers["short"] = engine.submit(short, max_new_tokens=2)  # 4 steps left: starts at once
+        if method == "decode" and steps == 4:
+            newcomers["long"] = engine.submit(long, max_new_tokens=2)  # 1 step left: waits for it
+
+    with call_log(model.backend, "prefill", "decode", hook=arrive) as log, contextlib.closing(engine):
+        first = engine.submit(running, max_new_tokens=6)
+        got = first.result(timeout=60), newcomers["short"].result(timeout=60), newcomers["long"].result(timeout=60)
+
+    def steps_before(index):
+        return [m for m, _ in log[:index]].count("decode")
+
+    short_at = log.index(("prefill", (1, 3)))
+    long_at = [i for i, (m, _) in enumerate(log) if m == "prefill"][2]  # after the running one's and the short
+    assert steps_before(short_at) == 1  # right after the step it arrived in
+    assert log[long_at] == ("prefill", (1, 110)) and steps_before(long_at) == 5  # after the last step, whole
+    for prompt, result, n in zip((running, short, long), got, (6, 2, 2)):
+        assert result.output_ids == model.generate(prompt, max_new_tokens=n)[0].output_ids
 
 
 def test_engine_config_from_text_reads_numbers_and_refuses_the_rest():

@@ -68,24 +68,44 @@ def test_outputs_are_identical_with_the_cache_on_or_off_and_equal_alone(model):
     assert cache.hit_tokens == sum(cached) and cache.query_tokens == sum(len(p) for p in prompts)
 
 
-def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used():
+def lookup(cache, prompt):
+    """(tokens reused, past arrays [1, heads, tokens, head_dim]), checking that the hit written straight into a
+    cache's row holds the same."""
+    hit = cache.lookup(prompt)
+    arrays = hit.arrays()
+    cache_rows = [np.zeros((2, a.shape[1], hit.tokens + 5, a.shape[3]), a.dtype) for a in arrays]
+    hit.write_into([c[1:] for c in cache_rows])
+    for a, c in zip(arrays, cache_rows):
+        assert np.array_equal(c[1, :, : hit.tokens], a[0]) and not c[0].any() and not c[1, :, hit.tokens:].any()
+    return hit.tokens, arrays
+
+
+@pytest.mark.parametrize("layout", [None, (4, 2, 4)], ids=["pool-from-first-store", "pool-warmed-up-front"])
+def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used(layout):
     layers, heads, dim = 2, 2, 4
     block_bytes = 2 * layers * heads * BLOCK * dim * 4
-    cache = PrefixCache(3 * block_bytes)
+    cache = PrefixCache(3 * block_bytes, layout=layout)
+    cache.warm()
 
-    def arrays(n):
-        return [np.full((1, heads, n, dim), i, np.float32) for i in range(2 * layers)]
+    def arrays(n, base):  # past input i of prompt `base`, token t: base + 10 i + t
+        t = np.arange(n, dtype=np.float32)[None, None, :, None]
+        return [np.broadcast_to(base + 10 * i + t, (1, heads, n, dim)).copy() for i in range(2 * layers)]
 
     a, b = list(range(48)), [1000 + t for t in range(48)]
-    cache.store(a, arrays(48))  # three blocks: full
+    cache.store(a, arrays(48, 100))  # three blocks: full
     assert cache.bytes == 3 * block_bytes
-    assert cache.lookup(a + [1])[0] == 3 * BLOCK
-    cache.store(b[:16], arrays(16))  # evicts a's last block: a chain is used leaf first, root last
+    reused, kv = lookup(cache, a + [1])
+    assert reused == 3 * BLOCK and all(np.array_equal(got, want) for got, want in zip(kv, arrays(48, 100)))
+    cache.store(b[:16], arrays(16, 500))  # evicts a's last block into its slot: a chain goes leaf first, root last
     assert cache.bytes == 3 * block_bytes
-    assert cache.lookup(a + [1])[0] == 2 * BLOCK  # its first two blocks still lead somewhere
-    reused, kv = cache.lookup(b[:16] + [2])
-    assert reused == BLOCK and kv[3].shape == (1, heads, BLOCK, dim) and (kv[3] == 3).all()
+    reused, kv = lookup(cache, a + [1])
+    assert reused == 2 * BLOCK  # its first two blocks still lead somewhere, with their own keys and values
+    assert all(np.array_equal(got, want[:, :, :2 * BLOCK]) for got, want in zip(kv, arrays(48, 100)))
+    reused, kv = lookup(cache, b[:16] + [2])
+    assert reused == BLOCK and kv[3].shape == (1, heads, BLOCK, dim)
+    assert all(np.array_equal(got, want) for got, want in zip(kv, arrays(16, 500)))  # the reused slot: b's now
     assert parse_prefix_cache("auto") <= 1 << 30 and parse_prefix_cache("512MiB") == 512 << 20
+    assert parse_prefix_cache("auto", running_bytes=5 << 20) == 5 << 20  # no more than the running slots' cache
     assert parse_prefix_cache(None) == 0
 
 
@@ -172,13 +192,15 @@ def test_the_serve_gate_runs_the_golden_prompts_through_the_engine_and_refuses_a
         assert engine.prefix.hit_tokens > 0  # the gate did go through the cache
     finally:
         engine.close()
-    lookup = prefix.PrefixCache.lookup
+    write_into, arrays = prefix.Hit.write_into, prefix.Hit.arrays
 
-    def drifted(self, prompt):  # a cache that hands back keys and values that are slightly off
-        hit = lookup(self, prompt)
-        return None if hit is None else (hit[0], [a * 1.5 for a in hit[1]])
+    def drifted_into(self, views):  # a cache that hands back keys and values that are slightly off
+        write_into(self, views)
+        for view in views:
+            view[:, :, : self.tokens] *= 1.5
 
-    monkeypatch.setattr(prefix.PrefixCache, "lookup", drifted)
+    monkeypatch.setattr(prefix.Hit, "write_into", drifted_into)
+    monkeypatch.setattr(prefix.Hit, "arrays", lambda self: [a * 1.5 for a in arrays(self)])
     engine = Engine(model, EngineConfig(max_running=4))
     try:
         failures = run_engine_check(model, engine)
