@@ -487,35 +487,25 @@ class Engine:
 
     def _wave_grows(self) -> bool:
         """Requests arrived, with room for them, while a wave was being prefilled: they join it before its first
-        decode step (the loop admits them next), so arrivals a few milliseconds apart still start in step. Not
-        for requests that would run one at a time anyway (see _groupable): they would only queue."""
+        decode step (the loop admits them next), so arrivals a few milliseconds apart still start in step."""
         with self._lock:
             room = len(self._running) + len(self._prefilling) < self.max_running
-            arrived = list(self._waiting)[: self.max_running - len(self._running) - len(self._prefilling)]
-        return self._wave_open() and room and any(self._groupable(entry) for entry in arrived)
+            return self._wave_open() and room and bool(self._waiting)
 
     def _waits_for_end(self) -> bool:
         """Newcomers wait for a running batch that ends (by its rows' max_new_tokens) sooner than their prefill
         would take: holding them costs them less than their prefill would stall every running row, and they
         then start together with the batch's own next requests, in one call and in step (clients in a loop
-        drift apart otherwise, one straggler's prefill at a time). Only newcomers that can be prefilled together
-        wait: cache hits on a graph that runs them one at a time would only queue. Estimates are this engine's
-        measured step and prefill times; before it has both, nobody waits."""
+        drift apart otherwise, one straggler's prefill at a time). A request whose prefill has begun goes on.
+        Estimates are this engine's measured step and prefill times; before it has both, nobody waits."""
         if not self._running or not self._prefilling or self._step_seconds is None or self._prefill_seconds is None:
             return False
-        if not all(self._groupable(entry) for entry in self._prefilling):
+        if any(entry.batch is not None for entry in self._prefilling):
             return False
         ends_in = max(entry.steps_left() for entry in self._running) * self._step_seconds
         prefill = sum(max(self._step_seconds, self._tokens_to_run(entry) * self._prefill_seconds)
                       for entry in self._prefilling)
         return ends_in <= prefill
-
-    def _groupable(self, entry: _Entry) -> bool:
-        """A waiting request another could share a call with: not started, not failed in a group, and either
-        fresh or a cache hit on a graph that extends several rows at once."""
-        if entry.batch is not None or entry.alone:
-            return False
-        return self.model.backend.extends_rows or not self._reusable(entry)
 
     def _tokens_to_run(self, entry: _Entry) -> int:
         """Prompt tokens a waiting request still has to prefill (its cached prefix and run chunks excluded)."""
