@@ -49,6 +49,12 @@ class Quantization:
     ops: str | None  # what the quantiser rewrote, e.g. "MatMul -> MatMulNBits"
     data: dict[str, Any]  # the section as written (block size, head bits, counts), for writing an updated copy
 
+    @property
+    def depends_on_batch(self) -> bool:
+        """int8 quantises activations with one scale per tensor, and in a batch that tensor holds every row: a
+        request's tokens can change with what runs beside it (int4's MatMulNBits scales per row and block)."""
+        return self.method == "int8"
+
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:

@@ -209,6 +209,25 @@ def test_the_serve_gate_runs_the_golden_prompts_through_the_engine_and_refuses_a
     assert failures and "differs from plain decoding" in failures[0]
 
 
+def test_an_int8_artifact_passes_the_serve_gate_with_its_prompts_alone(tmp_path):
+    """int8 quantises activations with one scale per call, so batched its tokens may differ from plain decoding
+    (a documented property, not a drift: this tiny model's did, before the gate knew). The gate then runs each
+    golden prompt alone through the engine, and `serve` starts."""
+    from neodeploy.export import export
+    from neodeploy.reference import make_checkpoint
+    from neodeploy.serve.app import ServeOptions, ServerState
+
+    checkpoint = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=5, init_std=0.1)
+    art = export(checkpoint, tmp_path / "int8", quantize="int8", target="cpu", echo=lambda s: None)
+    state = ServerState(ServeOptions(art, "tiny-int8", engine=EngineConfig(max_running=4)))
+    state.load()
+    try:
+        assert (state.status, state.error) == ("ready", None)
+        assert state.check["passed"] and state.check["engine_seconds"] > 0
+    finally:
+        state.engine.close()
+
+
 def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model):
     """Three requests queued together behind a cached system prompt, each with 5 tokens of its own: the cache's
     rows are stacked and their own tokens run in one [3, 5] call (where the graph's attention takes several rows
