@@ -606,8 +606,8 @@ class Engine:
             self._prefilling.insert(0, entry)
 
     def _start(self, group: list[_Entry], batch: DecodeBatch, logits: np.ndarray) -> None:
-        """A prefilled batch of new requests: each offers its prompt to the prefix cache and takes its first token;
-        the rows that go on join the running batch together."""
+        """A prefilled batch of new requests: each takes its first token, then offers its prompt to the prefix
+        cache; the rows that go on join the running batch together."""
         going = [row for row, entry in enumerate(group) if self._first_token(entry, logits[row])]
         for row, entry in enumerate(group):  # after the first tokens: copying KV out need not delay them
             self._keep_prefix(entry.handle.prompt_ids, lambda: batch.row_cache(row))
