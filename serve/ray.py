@@ -114,10 +114,12 @@ def _replica_builder(options: ServeOptions):
     def build():
         from ray import serve
 
+        from neodeploy.runtime.allocator import retain_freed_memory
         from neodeploy.serve.app import ServerState, create_app
 
         context = serve.get_replica_context()
         replica = getattr(getattr(context, "replica_id", None), "unique_id", None) or str(os.getpid())
+        retain_freed_memory()  # as `neodeploy serve` does (runtime/allocator.py)
         state = ServerState(dataclasses.replace(options, replica=replica))
         state.metrics.mirrors.append(RayMetrics(replica, lambda: state.engine))
         state.load()  # synchronous here: a replica that cannot serve must not join

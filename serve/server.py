@@ -15,6 +15,7 @@ import sys
 import threading
 
 from neodeploy.core.errors import UsageError
+from neodeploy.runtime.allocator import retain_freed_memory
 from neodeploy.serve.app import LOOPBACK_HOSTS, ServeOptions, ServerState, create_app
 from neodeploy.serve.protocol import error_body
 
@@ -103,6 +104,7 @@ def run(options: ServeOptions, log_level: str = "warning") -> int:
     import uvicorn
 
     host, port = options.host, options.port
+    retain_freed_memory()  # each request's cache is made and freed within milliseconds (runtime/allocator.py)
 
     if options.allowed_hosts is None and _is_loopback(host):
         options = dataclasses.replace(options, allowed_hosts=LOOPBACK_HOSTS)
