@@ -681,8 +681,9 @@ def _add_serve(sub, backend: argparse.ArgumentParser, speculate: argparse.Argume
     p.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting, help="queued requests before 429 (default 64)")
     p.add_argument("--kv-budget", help="KV cache over all running slots: tokens (16384) or bytes (512MiB, 2GB); "
                    "default max_context per slot")
-    p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk, help="prompt tokens prefilled per step while "
-                   "nothing decodes, several fresh prompts together counted with their padding (default %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=EngineConfig.prefill_chunk, help="prompt tokens per prefill call while "
+                   "nothing decodes or a wave of arrivals is prefilled, several prompts together counted with their "
+                   "padding (default %(default)s)")
     p.add_argument("--busy-prefill-chunk", type=int, default=EngineConfig.busy_prefill_chunk, help="prompt tokens prefilled per step while others "
                    "decode (default 64); smaller keeps their token gaps even, larger gives newcomers their first token "
                    "and the batch its throughput sooner")

@@ -136,12 +136,13 @@ def run_engine_check(model: Model, engine) -> list[str]:
     quantization = model.manifest.quantization
     batched = quantization is None or not quantization.depends_on_batch
     alone = prompts if engine.speculator is not None or not batched else prompts[:1]
+    together = prompts if batched else []
     results = [engine.submit(p, max_new_tokens=steps).result() for p in alone]
     wave = engine.max_running + engine.config.max_waiting  # together, as many as the engine takes at once
-    for start in range(0, len(prompts) if batched else 0, wave):
-        handles = [engine.submit(p, max_new_tokens=steps) for p in prompts[start:start + wave]]
+    for start in range(0, len(together), wave):
+        handles = [engine.submit(p, max_new_tokens=steps) for p in together[start:start + wave]]
         results += [h.result() for h in handles]
-    for i, (prompt, got) in enumerate(zip([*alone, *(prompts if batched else [])], results)):
+    for i, (prompt, got) in enumerate(zip([*alone, *together], results)):
         want = model.generate(prompt, max_new_tokens=steps)[0]
         if got.output_ids != want.output_ids:
             failures.append(f"engine request {i} ({len(prompt)} prompt tokens) differs from plain decoding")

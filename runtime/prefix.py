@@ -64,9 +64,11 @@ class Hit:
                 np.take(self._pool[i], slots, axis=1, out=split, mode="clip")
 
     def arrays(self) -> list[np.ndarray]:
-        heads, head_dim = self._pool.shape[1], self._pool.shape[4]
-        return [np.stack([self._pool[i][:, slots].reshape(heads, self.tokens, head_dim) for slots in self._rows])
-                for i in range(self._pool.shape[0])]
+        """Copied out: per past input, [rows, heads, tokens, head_dim]."""
+        inputs, heads, _, _, head_dim = self._pool.shape
+        out = [np.empty((self.rows, heads, self.tokens, head_dim), self._pool.dtype) for _ in range(inputs)]
+        self.write_into(out)
+        return out
 
 
 @dataclass
