@@ -292,14 +292,7 @@ class Engine:
         if pooled:  # allocated once, up front: decoding never allocates cache memory
             self._batch.state = backend.new_cache(self.max_running, self.capacity)
             backend.set_rows(self._batch.state, 0)
-        budget = parse_prefix_cache(self.config.prefix_cache, self.kv_bytes) if backend.joinable else 0
-        if self.config.prefix_cache == "auto" and model.manifest.quantization is not None:
-            # int8 graphs quantize activations with one scale per call, so a prefix's keys depend on the rest of
-            # the chunk that computed them: reuse would not be exact. An explicit size turns it on anyway.
-            budget = 0
-        layout = (len(backend.past_names), backend.num_heads, backend.head_dim) if budget else None
-        # moves KV in and out of batches: joinable only
-        self.prefix = PrefixCache(budget, layout=layout, dtype=backend.kv_dtype) if budget else None
+        self.prefix = self._prefix_cache(model) if backend.joinable else None  # it moves KV in and out of batches
         speculate = self.config.speculate
         self.speculator = model.speculation(speculate, self.config.speculate_tokens)() if speculate else None
         self._running: list[_Entry] = []
@@ -318,6 +311,26 @@ class Engine:
         self._prefill_seconds: float | None = None
         self._thread = threading.Thread(target=self._loop, name="neodeploy-engine", daemon=True)
         self._thread.start()
+
+    def _prefix_cache(self, model) -> PrefixCache | None:
+        backend, quantization = model.backend, model.manifest.quantization
+        budget = parse_prefix_cache(self.config.prefix_cache, self.kv_bytes)
+        if self.config.prefix_cache == "auto" and quantization is not None and quantization.depends_on_batch:
+            # int8 graphs quantize activations with one scale per call, so a prefix's keys depend on the rest of
+            # the chunk that computed them: reuse would not be exact. An explicit size turns it on anyway. (int4's
+            # MatMulNBits quantizes each row on its own: reuse is as exact as fp32's, tested.)
+            return None
+        if not budget:
+            return None
+        layout = (len(backend.past_names), backend.num_heads, backend.head_dim)
+        cache = PrefixCache(budget, layout=layout, dtype=backend.kv_dtype)
+        if cache.slots >= 1:
+            return cache
+        if self.config.prefix_cache == "auto":
+            return None  # running slots smaller than one block (a tiny --kv-budget): nothing to reuse anyway
+        raise UsageError(f"--prefix-cache (prefix_cache) {self.config.prefix_cache!r} holds no {cache.block}-token "
+                         f"block of this model (one is {cache.block_bytes} bytes): give at least "
+                         f"{-(-cache.block_bytes // 1024)}KiB, or 0 to turn the cache off")
 
     # ------------------------------------------------------------------------------------- clients
 

@@ -93,15 +93,22 @@ class PrefixCache:
     @property
     def bytes(self) -> int:
         """Bytes of KV held (the pool's slots in use)."""
-        return len(self._blocks) * self._block_bytes() if self._layout is not None else 0
+        return len(self._blocks) * self.block_bytes if self._layout is not None else 0
 
-    def _block_bytes(self) -> int:
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's keys and values over every layer (known once the layout is)."""
         inputs, heads, head_dim = self._layout
         return inputs * heads * self.block * head_dim * self.dtype.itemsize
 
+    @property
+    def slots(self) -> int:
+        """Blocks the budget holds (known once the layout is)."""
+        return self.budget // self.block_bytes
+
     def _ensure_pool(self) -> np.ndarray:
         if self._pool is None:
-            slots = self.budget // self._block_bytes()
+            slots = self.slots
             self._pool = np.empty((self._layout[0], self._layout[1], slots, self.block, self._layout[2]), self.dtype)
             self._free = list(range(slots - 1, -1, -1))
         return self._pool

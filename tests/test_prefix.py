@@ -109,6 +109,40 @@ def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used(layout
     assert parse_prefix_cache(None) == 0
 
 
+def test_a_budget_below_one_block_is_refused_unless_auto_chose_it(exported):
+    model = load(exported("prefix-gpt_neox", tiny_neox(), target="cpu")[1])
+    # one block: 2 layers x (keys, values) x 4 heads x 16 tokens x 16 dims x 4 bytes = 16 KiB
+    with pytest.raises(UsageError, match=r"'16383' holds no 16-token block of this model .* give at least 16KiB, or 0"):
+        Engine(model, EngineConfig(prefix_cache="16383"))
+    engine = Engine(model, EngineConfig(prefix_cache="16KiB"))
+    engine.close()
+    assert engine.prefix.slots == 1
+    # "auto" sizes the cache by the running slots' KV: below one block (a tiny kv budget) it is simply off
+    engine = Engine(model, EngineConfig(max_running=1, kv_budget=12))
+    try:
+        assert engine.prefix is None
+        assert engine.generate([1, 2, 3], SamplingParams(max_new_tokens=4)).finish_reason == "length"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt_neo"])
+def test_int4_reuses_prefixes_by_default_and_exactly(trained, tmp_path, family):
+    """int4's MatMulNBits quantizes each activation row on its own (int8 scales a whole call): a prefix's keys do not
+    depend on what was prefilled beside them, so the cache is on by default and outputs are those of the cache off
+    and of each prompt alone (trained models: a random tiny GPT-Neo fails int4's export gate)."""
+    from neodeploy.export import export
+
+    model = load(export(trained(family), tmp_path / "int4", quantize="int4", target="cpu", echo=lambda s: None))
+    prompts = _prompts(seed=3)
+    on, cached, cache = _run(model, prompts, "auto")
+    assert cache is not None  # "auto": on
+    off, _, _ = _run(model, prompts, 0)
+    for i, (prompt, a, b) in enumerate(zip(prompts, on, off)):
+        assert a.output_ids == b.output_ids == model.generate(prompt, _params(i))[0].output_ids, i
+    assert cached[1:7] == [2 * BLOCK] * 6
+
+
 def test_cached_tokens_in_usage_and_metrics(exported):
     from neodeploy.serve.app import ServeOptions, ServerState, create_app
 
