@@ -7,8 +7,8 @@ a block is only ever reached through the exact tokens before it, so a hit is an 
 values of its tokens for every layer, copied out of the prefill that computed them, within a byte budget;
 the least recently used block goes first (a block whose parent went is unreachable and ages out the same way).
 
-The blocks live in one pool allocated once ([2 x layers, heads, slots, BLOCK, head_dim]: a hit's blocks come
-out of each past input in one gather, already side by side); an evicted block's slot
+The blocks live in one pool allocated once ([2 x layers, heads, slots, BLOCK, head_dim]: a prompt's blocks go
+into consecutive free slots, so a hit comes out of each past input as one slice per head); an evicted block's slot
 is reused. Allocating each block anew grew the process's memory block by block while serving, and on a virtual
 machine a page touched for the first time can cost milliseconds: storing one 128-token prompt of pythia-160m took
 65 ms that way (4 ms into touched memory). `warm()` touches the whole pool up front (the server does it before it
@@ -53,15 +53,16 @@ class Hit:
 
     def write_into(self, views: list[np.ndarray]) -> None:
         """views: per past input, a cache's [rows, heads, >= tokens, head_dim] (its first rows)."""
-        blocks = len(self._rows[0])
+        b = self.block
+        runs = [_runs(slots) for slots in self._rows]
         for i, view in enumerate(views):
-            for r, slots in enumerate(self._rows):
-                dst = view[r, :, : self.tokens]
-                # the same memory seen as [heads, blocks, BLOCK, head_dim]: take() gathers the slots into it
-                split = np.lib.stride_tricks.as_strided(
-                    dst, (dst.shape[0], blocks, self.block, dst.shape[2]),
-                    (dst.strides[0], self.block * dst.strides[1], dst.strides[1], dst.strides[2]))
-                np.take(self._pool[i], slots, axis=1, out=split, mode="clip")
+            for r, row_runs in enumerate(runs):
+                for first, slot, count in row_runs:
+                    # consecutive slots are one stretch of each head's memory: one slice copy per stretch (a
+                    # prompt's blocks are stored in consecutive free slots until evictions scatter them). Twice
+                    # as fast as np.take's gather into the same rows, and no slower with every slot apart.
+                    stretch = self._pool[i, :, slot:slot + count]
+                    view[r, :, first * b:(first + count) * b] = stretch.reshape(stretch.shape[0], count * b, -1)
 
     def arrays(self) -> list[np.ndarray]:
         """Copied out: per past input, [rows, heads, tokens, head_dim]."""
@@ -69,6 +70,17 @@ class Hit:
         out = [np.empty((self.rows, heads, self.tokens, head_dim), self._pool.dtype) for _ in range(inputs)]
         self.write_into(out)
         return out
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(first block, first slot, count) of each stretch of blocks held in consecutive slots."""
+    runs: list[list[int]] = []
+    for block, slot in enumerate(slots):
+        if runs and slot == runs[-1][1] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([block, slot, 1])
+    return [(first, slot, count) for first, slot, count in runs]
 
 
 @dataclass

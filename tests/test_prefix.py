@@ -109,6 +109,27 @@ def test_the_cache_keeps_to_its_budget_and_evicts_the_least_recently_used(layout
     assert parse_prefix_cache(None) == 0
 
 
+def test_a_hit_spread_over_scattered_slots_reads_back_exactly():
+    """A prompt's blocks fill consecutive free slots; one grown later takes whatever slot is free next: its hit is
+    copied stretch by stretch, each block to its own place."""
+    layers, heads, dim = 2, 2, 4
+    cache = PrefixCache(8 * 2 * layers * heads * BLOCK * dim * 4, layout=(2 * layers, heads, dim))
+
+    def arrays(n, base):  # past input i, token t: base + 10 i + t
+        t = np.arange(n, dtype=np.float32)[None, None, :, None]
+        return [np.broadcast_to(base + 10 * i + t, (1, heads, n, dim)).copy() for i in range(2 * layers)]
+
+    a, other = list(range(64)), [500 + t for t in range(16)]
+    cache.store(a[:32], arrays(32, 100))  # slots 0, 1
+    cache.store(other, arrays(16, 900))  # slot 2
+    cache.store(a, arrays(64, 100))  # its first two blocks are cached; the next two take slots 3, 4
+    cache.store(other + [1] * 16, arrays(32, 900))  # slot 5
+    reused, kv = lookup(cache, a + [1])
+    assert reused == 64 and all(np.array_equal(got, want) for got, want in zip(kv, arrays(64, 100)))
+    reused, kv = lookup(cache, other + [1] * 17)
+    assert reused == 32 and all(np.array_equal(got, want) for got, want in zip(kv, arrays(32, 900)))
+
+
 def test_a_budget_below_one_block_is_refused_unless_auto_chose_it(exported):
     model = load(exported("prefix-gpt_neox", tiny_neox(), target="cpu")[1])
     # one block: 2 layers x (keys, values) x 4 heads x 16 tokens x 16 dims x 4 bytes = 16 KiB
