@@ -459,6 +459,7 @@ class Engine:
             # are prefilled too, a call of up to prefill_chunk tokens each, before the wave's first decode step:
             # the wave then decodes in step and ends at one step, and its next requests start together again.
             budget = self.config.prefill_chunk if self._wave_open() else budget - used
+        ready: list[_Entry] = []  # prefilled and going on: they join the batch after this pass
         for entry in list(self._prefilling):
             if budget <= 0:
                 break
@@ -479,9 +480,15 @@ class Engine:
             self._keep_prefix(entry.handle.prompt_ids, lambda: self.model.backend.cache_arrays(
                 entry.batch.state, 1, len(entry.handle.prompt_ids)))
             if going:
-                self._batch.join(entry.batch)
-                self._join([entry])
+                ready.append(entry)
+            else:
+                entry.batch = None
+        # Joined once the pass is done: copying a row into the batch (3 ms for 528 tokens of pythia-160m) then
+        # delays nobody's first token (cache hits arriving together run one after another).
+        for entry in ready:
+            self._batch.join(entry.batch)
             entry.batch = None
+        self._join(ready)
 
     def _prefill_group(self, budget: int) -> int:
         """One call for several requests within budget tokens: fresh prompts prefilled together, else cache hits

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import calls_of, tiny_neo, tiny_neox
+from conftest import call_log, tiny_neo, tiny_neox
 from neodeploy.core.errors import UsageError
 from neodeploy.runtime import load
 from neodeploy.runtime.engine import Engine, EngineConfig, parse_prefix_cache
@@ -291,16 +291,21 @@ def test_requests_sharing_a_cached_prefix_run_their_own_tokens_in_one_call(model
     system = [rng.randrange(1, 300) for _ in range(2 * BLOCK)]
     prompts = [system + [rng.randrange(1, 300) for _ in range(5)] for _ in range(3)]
     engine = Engine(model, EngineConfig(max_running=4, prefix_cache="16MiB"))
+    joined = []  # rows in the running batch at each call
+
     try:
         engine.generate(system + [1], _params(1))  # caches the system prompt's two blocks
-        with calls_of(model.backend, "decode") as shapes:
+        with call_log(model.backend, "decode", hook=lambda *_: joined.append(engine._batch.rows)) as log:
             with engine._lock:  # the loop waits on this lock: all three are queued when it next looks
                 handles = [engine.submit(p, _params(i)) for i, p in enumerate(prompts)]
             results = [h.result(60) for h in handles]
     finally:
         engine.close()
-    # GroupQueryAttention (the CPU target's) takes several tokens over a past for one row only: one row at a time
-    assert shapes[0] == ((3, 5) if model.backend.extends_rows else (1, 5))
+    shapes = [shape for _, shape in log]
+    # GroupQueryAttention (the CPU target's) takes several tokens over a past for one row only: one row at a time,
+    # and none joins the batch (a copy of its row) before the last has run: nobody's first token waits for a copy
+    assert shapes[:3] == ([(3, 5), (3, 1), (3, 1)] if model.backend.extends_rows else [(1, 5)] * 3)
+    assert joined[:4] == ([0, 3, 3, 3] if model.backend.extends_rows else [0, 0, 0, 3])
     assert model.backend.extends_rows == (model.manifest.onnx.target == "portable")
     assert [h.cached_tokens for h in handles] == [2 * BLOCK] * 3
     for i, (prompt, got) in enumerate(zip(prompts, results)):
