@@ -315,10 +315,12 @@ class Engine:
     def _prefix_cache(self, model) -> PrefixCache | None:
         backend, quantization = model.backend, model.manifest.quantization
         budget = parse_prefix_cache(self.config.prefix_cache, self.kv_bytes)
-        if self.config.prefix_cache == "auto" and quantization is not None and quantization.depends_on_batch:
-            # int8 graphs quantize activations with one scale per call, so a prefix's keys depend on the rest of
-            # the chunk that computed them: reuse would not be exact. An explicit size turns it on anyway. (int4's
-            # MatMulNBits quantizes each row on its own: reuse is as exact as fp32's, tested.)
+        if self.config.prefix_cache == "auto" and quantization is not None:
+            # Quantized graphs round activations to int8 inside the call that computed a prefix's keys: int8 with one
+            # scale per call (the keys depend on the rest of the chunk), int4's MatMulNBits per row and block, where
+            # the kernel's float rounding still differs with the call's shape and a rounding step magnifies it (on
+            # pythia-160m int4 a golden prompt's greedy tokens changed with reuse, and the serve gate refused it).
+            # Reuse would not be exact: off unless a size is given (the serve gate then checks it on this machine).
             return None
         if not budget:
             return None

@@ -147,21 +147,19 @@ def test_a_budget_below_one_block_is_refused_unless_auto_chose_it(exported):
         engine.close()
 
 
-@pytest.mark.parametrize("family", ["gpt_neox", "gpt_neo"])
-def test_int4_reuses_prefixes_by_default_and_exactly(trained, tmp_path, family):
-    """int4's MatMulNBits quantizes each activation row on its own (int8 scales a whole call): a prefix's keys do not
-    depend on what was prefilled beside them, so the cache is on by default and outputs are those of the cache off
-    and of each prompt alone (trained models: a random tiny GPT-Neo fails int4's export gate)."""
+def test_an_int4_artifact_keeps_the_prefix_cache_off_unless_a_size_is_given(tmp_path):
+    """int4's MatMulNBits rounds each activation row to int8 per block; the kernel's float rounding still differs with
+    the call's shape, and a rounding step magnifies it: on pythia-160m int4 a golden prompt's tokens changed with
+    reuse (the serve gate refused the cache). Off by default, as on int8; a size turns it on (the gate then checks)."""
     from neodeploy.export import export
+    from neodeploy.reference import make_checkpoint
 
-    model = load(export(trained(family), tmp_path / "int4", quantize="int4", target="cpu", echo=lambda s: None))
-    prompts = _prompts(seed=3)
-    on, cached, cache = _run(model, prompts, "auto")
-    assert cache is not None  # "auto": on
-    off, _, _ = _run(model, prompts, 0)
-    for i, (prompt, a, b) in enumerate(zip(prompts, on, off)):
-        assert a.output_ids == b.output_ids == model.generate(prompt, _params(i))[0].output_ids, i
-    assert cached[1:7] == [2 * BLOCK] * 6
+    checkpoint = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=5, init_std=0.1)
+    model = load(export(checkpoint, tmp_path / "int4", quantize="int4", target="cpu", echo=lambda s: None))
+    for config, on in ((EngineConfig(), False), (EngineConfig(prefix_cache="1MiB"), True)):
+        engine = Engine(model, config)
+        engine.close()
+        assert (engine.prefix is not None) == on
 
 
 def test_cached_tokens_in_usage_and_metrics(exported):
@@ -279,6 +277,7 @@ def test_an_int8_artifact_passes_the_serve_gate_with_its_prompts_alone(tmp_path)
     try:
         assert (state.status, state.error) == ("ready", None)
         assert state.check["passed"] and state.check["engine_seconds"] > 0
+        assert state.engine.prefix is None  # one activation scale per call: reuse would not be exact
     finally:
         state.engine.close()
 
