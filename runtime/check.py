@@ -115,9 +115,9 @@ def run_engine_check(model: Model, engine) -> list[str]:
     alone, which run_check held to the reference). The serve gate: an engine optimisation that changes an output on
     this machine is refused like a drifted artifact. Returns one line per failure.
 
-    An artifact whose outputs depend on the batch by design (int8: one activation scale per call) runs every prompt
-    alone instead: batched, its tokens may differ from plain decoding within int8's accuracy (docs/decisions.md),
-    which is no drift of this machine's."""
+    An artifact whose outputs depend on the batch by design (int8 and int4 round activations to int8 inside each
+    call: Quantization.depends_on_batch) runs every prompt alone instead: batched, its tokens may differ from plain
+    decoding within its accuracy (docs/decisions.md), which is no drift of this machine's."""
     from neodeploy.runtime.prefix import BLOCK
 
     golden = _load_golden(model.artifact / GOLDEN)

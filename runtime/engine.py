@@ -316,11 +316,10 @@ class Engine:
         backend, quantization = model.backend, model.manifest.quantization
         budget = parse_prefix_cache(self.config.prefix_cache, self.kv_bytes)
         if self.config.prefix_cache == "auto" and quantization is not None:
-            # Quantized graphs round activations to int8 inside the call that computed a prefix's keys: int8 with one
-            # scale per call (the keys depend on the rest of the chunk), int4's MatMulNBits per row and block, where
-            # the kernel's float rounding still differs with the call's shape and a rounding step magnifies it (on
-            # pythia-160m int4 a golden prompt's greedy tokens changed with reuse, and the serve gate refused it).
-            # Reuse would not be exact: off unless a size is given (the serve gate then checks it on this machine).
+            # Quantized graphs round activations to int8 inside the call that computed a prefix's keys, so the keys
+            # depend on that call (Quantization.depends_on_batch): int8 scales the whole call, and int4's rounding
+            # magnifies the last-bit differences of a call of another shape. Reuse would not be exact: off unless a
+            # size is given (the serve gate then checks it on this machine).
             return None
         if not budget:
             return None

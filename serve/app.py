@@ -113,8 +113,9 @@ class ServerState:
         if failures:
             self.engine.close()
             self.exit_code = 1
-            raise NeodeployError(f"the engine check failed: {failures[0]}; refusing to serve (--no-prefix-cache, or "
-                                 "--skip-check to serve anyway)")
+            ways = ((["--no-prefix-cache"] if self.engine.prefix is not None else [])
+                    + (["no --speculate"] if self.engine.speculator is not None else []) + ["--skip-check to serve anyway"])
+            raise NeodeployError(f"the engine check failed: {failures[0]}; refusing to serve ({', or '.join(ways)})")
         self.check["engine_seconds"] = round(time.perf_counter() - start, 3)
 
     def _fail(self, message: str, code: int) -> None:

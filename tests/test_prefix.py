@@ -147,12 +147,14 @@ def test_a_budget_below_one_block_is_refused_unless_auto_chose_it(exported):
         engine.close()
 
 
-def test_an_int4_artifact_keeps_the_prefix_cache_off_unless_a_size_is_given(tmp_path):
-    """int4's MatMulNBits rounds each activation row to int8 per block; the kernel's float rounding still differs with
-    the call's shape, and a rounding step magnifies it: on pythia-160m int4 a golden prompt's tokens changed with
-    reuse (the serve gate refused the cache). Off by default, as on int8; a size turns it on (the gate then checks)."""
+def test_an_int4_artifact_keeps_the_prefix_cache_off_and_the_gate_runs_its_prompts_alone(tmp_path):
+    """int4's MatMulNBits rounds each activation row to int8 per block, but the floats it rounds differ in their last
+    bits with the call's shape, and a rounding step magnifies that: pythia-160m int4 failed the serve gate batched
+    (--max-running 4). As for int8: the prefix cache (whose keys come from another call) is off unless a size is
+    given, and the gate runs the golden prompts through the engine one at a time."""
     from neodeploy.export import export
     from neodeploy.reference import make_checkpoint
+    from neodeploy.runtime.check import run_engine_check
 
     checkpoint = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=5, init_std=0.1)
     model = load(export(checkpoint, tmp_path / "int4", quantize="int4", target="cpu", echo=lambda s: None))
@@ -160,6 +162,13 @@ def test_an_int4_artifact_keeps_the_prefix_cache_off_unless_a_size_is_given(tmp_
         engine = Engine(model, config)
         engine.close()
         assert (engine.prefix is not None) == on
+    engine = Engine(model, EngineConfig(max_running=4))
+    try:
+        with call_log(model.backend, "prefill", "decode") as log:
+            assert run_engine_check(model, engine) == []
+    finally:
+        engine.close()
+    assert len(log) > 20 and {shape[0] for _, shape in log} == {1}  # batched, the engine's calls hold several rows
 
 
 def test_cached_tokens_in_usage_and_metrics(exported):
