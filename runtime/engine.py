@@ -288,11 +288,11 @@ class Engine:
                              f"for {self.max_running} running sequences; raise it or lower max_running")
         pooled = backend.joinable and backend.in_place
         self.kv_bytes = model.manifest.kv_bytes_per_token * self.max_running * self.capacity
+        self.prefix = self._prefix_cache(model) if backend.joinable else None  # it moves KV in and out of batches
         self._batch = DecodeBatch(backend, self.max_running if pooled else 0, self.capacity)
         if pooled:  # allocated once, up front: decoding never allocates cache memory
             self._batch.state = backend.new_cache(self.max_running, self.capacity)
             backend.set_rows(self._batch.state, 0)
-        self.prefix = self._prefix_cache(model) if backend.joinable else None  # it moves KV in and out of batches
         speculate = self.config.speculate
         self.speculator = model.speculation(speculate, self.config.speculate_tokens)() if speculate else None
         self._running: list[_Entry] = []
@@ -315,11 +315,10 @@ class Engine:
     def _prefix_cache(self, model) -> PrefixCache | None:
         backend, quantization = model.backend, model.manifest.quantization
         budget = parse_prefix_cache(self.config.prefix_cache, self.kv_bytes)
-        if self.config.prefix_cache == "auto" and quantization is not None:
-            # Quantized graphs round activations to int8 inside the call that computed a prefix's keys, so the keys
-            # depend on that call (Quantization.depends_on_batch): int8 scales the whole call, and int4's rounding
-            # magnifies the last-bit differences of a call of another shape. Reuse would not be exact: off unless a
-            # size is given (the serve gate then checks it on this machine).
+        if self.config.prefix_cache == "auto" and quantization is not None and quantization.depends_on_batch:
+            # A prefix's keys depend on the call that computed them, as a batch's tokens do: int8 scales the whole
+            # call, and int4's rounding magnifies the last-bit differences of a call of another shape. Reuse would
+            # not be exact: off unless a size is given (the serve gate then checks it on this machine).
             return None
         if not budget:
             return None

@@ -24,6 +24,7 @@ chunked prefill continues from its earlier chunks.
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,14 +74,13 @@ class Hit:
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
-    """(first block, first slot, count) of each stretch of blocks held in consecutive slots."""
-    runs: list[list[int]] = []
-    for block, slot in enumerate(slots):
-        if runs and slot == runs[-1][1] + runs[-1][2]:
-            runs[-1][2] += 1
-        else:
-            runs.append([block, slot, 1])
-    return [(first, slot, count) for first, slot, count in runs]
+    """(first block, first slot, count) of each stretch of blocks held in consecutive slots (within a stretch, slot
+    minus block is constant)."""
+    runs = []
+    for _, stretch in itertools.groupby(enumerate(slots), key=lambda pair: pair[1] - pair[0]):
+        stretch = list(stretch)
+        runs.append((stretch[0][0], stretch[0][1], len(stretch)))
+    return runs
 
 
 @dataclass

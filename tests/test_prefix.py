@@ -54,6 +54,15 @@ def _run(model, prompts, prefix_cache):
         engine.close()
 
 
+def _quantized(tmp_path, method):
+    """A tiny GPT-NeoX exported for the CPU target with `--quantize method`: the artifact's folder."""
+    from neodeploy.export import export
+    from neodeploy.reference import make_checkpoint
+
+    checkpoint = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=5, init_std=0.1)
+    return export(checkpoint, tmp_path / method, quantize=method, target="cpu", echo=lambda s: None)
+
+
 def test_outputs_are_identical_with_the_cache_on_or_off_and_equal_alone(model):
     prompts = _prompts()
     on, cached, cache = _run(model, prompts, "64MiB")
@@ -152,12 +161,9 @@ def test_an_int4_artifact_keeps_the_prefix_cache_off_and_the_gate_runs_its_promp
     bits with the call's shape, and a rounding step magnifies that: pythia-160m int4 failed the serve gate batched
     (--max-running 4). As for int8: the prefix cache (whose keys come from another call) is off unless a size is
     given, and the gate runs the golden prompts through the engine one at a time."""
-    from neodeploy.export import export
-    from neodeploy.reference import make_checkpoint
     from neodeploy.runtime.check import run_engine_check
 
-    checkpoint = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=5, init_std=0.1)
-    model = load(export(checkpoint, tmp_path / "int4", quantize="int4", target="cpu", echo=lambda s: None))
+    model = load(_quantized(tmp_path, "int4"))
     for config, on in ((EngineConfig(), False), (EngineConfig(prefix_cache="1MiB"), True)):
         engine = Engine(model, config)
         engine.close()
@@ -275,13 +281,9 @@ def test_an_int8_artifact_passes_the_serve_gate_with_its_prompts_alone(tmp_path)
     """int8 quantises activations with one scale per call, so batched its tokens may differ from plain decoding
     (a documented property, not a drift: this tiny model's did, before the gate knew). The gate then runs each
     golden prompt alone through the engine, and `serve` starts."""
-    from neodeploy.export import export
-    from neodeploy.reference import make_checkpoint
     from neodeploy.serve.app import ServeOptions, ServerState
 
-    checkpoint = make_checkpoint(tiny_neox(), tmp_path / "ckpt", seed=5, init_std=0.1)
-    art = export(checkpoint, tmp_path / "int8", quantize="int8", target="cpu", echo=lambda s: None)
-    state = ServerState(ServeOptions(art, "tiny-int8", engine=EngineConfig(max_running=4)))
+    state = ServerState(ServeOptions(_quantized(tmp_path, "int8"), "tiny-int8", engine=EngineConfig(max_running=4)))
     state.load()
     try:
         assert (state.status, state.error) == ("ready", None)
