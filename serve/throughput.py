@@ -6,7 +6,8 @@ the same client), and, in the same alternating run, the baseline: the same reque
 calling `Model.generate` on one loaded model (what embedding the runtime did before the engine). `--compare vllm`
 adds vLLM's CPU server on the artifact's own checkpoint, started through its peer script and measured with the
 same client on the same requests, alternating with ours level by level (skipped, with the reason, where the peer is
-not set up or cannot serve the model).
+not set up or cannot serve the model). Before each measured level it waits until the machine is quiet, so no system
+is charged for the work of the one measured before it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,39 @@ async def _one(client, url: str, model: str, prompt: list[int], new_tokens: int,
     if not stamps:
         raise UsageError(f"{url} streamed no text for a request; is it an OpenAI-compatible completions server?")
     return {"ttft": stamps[0] - start, "gaps": list(np.diff(stamps)), "tokens": len(stamps)}
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, idle) time summed over this machine's CPUs, in clock ticks, from /proc/stat; None where it has none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        user, nice, system, idle, iowait, irq, softirq = fields
+    except (OSError, ValueError):
+        return None
+    return user + nice + system + irq + softirq, idle + iowait
+
+
+def wait_quiet(limit: float = 5.0, window: float = 0.1, busy_below: float = 0.2, times=_cpu_times,
+               sleep=time.sleep) -> float:
+    """Wait until the CPUs have been idle (under busy_below of their time) for two windows in a row, at most `limit`
+    seconds; returns the seconds waited. Called before every measured level: vLLM's CPU server keeps a core busy for
+    about a second after its last request (measured on the 2-core machine; ours goes idle at once), and with the
+    order alternating, whoever runs next was charged for it (ours, at every level). Without /proc/stat: a flat
+    second."""
+    before = times()
+    if before is None:
+        sleep(1.0)
+        return 1.0
+    quiet = 0
+    for n in range(1, round(limit / window) + 1):
+        sleep(window)
+        now = times()
+        busy, idle = now[0] - before[0], now[1] - before[1]
+        quiet = quiet + 1 if busy < busy_below * max(busy + idle, 1) else 0
+        if quiet == 2:
+            return round(n * window, 2)
+        before = now
+    return limit
 
 
 def run_server_level(url: str, model: str, prompts: list[list[int]], new_tokens: int, concurrency: int,
@@ -206,12 +240,13 @@ PROMPT_VOCAB = 50000  # prompt ids are drawn from [1, 50000) whatever serves the
 WORKLOADS = ("random", "shared-prefix")
 
 
-def request_set(workload: str, requests: int, prompt_len: int, prefix_len: int, vocab: int, eos: int | None) -> list:
+def request_set(workload: str, requests: int, prompt_len: int, prefix_len: int, vocab: int, eos: int | None,
+                seed: int = 0) -> list:
     """The fixed prompts (token ids, seed 0): "random" draws each whole; "shared-prefix" gives every request one
     common prefix of prefix_len tokens (a system prompt, few-shot examples) before its own prompt_len tokens."""
     if workload not in WORKLOADS:
         raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     high = min(vocab, PROMPT_VOCAB)
 
     def draw(n):
@@ -219,6 +254,15 @@ def request_set(workload: str, requests: int, prompt_len: int, prefix_len: int, 
 
     prefix = draw(prefix_len) if workload == "shared-prefix" else []
     return [prefix + draw(prompt_len) for _ in range(requests)]
+
+
+def warmup_set(prompts: list, workload: str, count: int, prompt_len: int, prefix_len: int, vocab: int,
+               eos: int | None) -> list:
+    """Requests that warm a system up without being measured: as many as the most concurrent level, so each system
+    has served that many at once (its per-request buffers allocated, as in a server that has been up a while), none
+    of them in the measured set; with a shared prefix, the measured set's own (a system prompt served before)."""
+    warm = request_set(workload, count, prompt_len, prefix_len, vocab, eos, seed=1)
+    return [prompts[0][:prefix_len] + p[prefix_len:] for p in warm] if workload == "shared-prefix" else warm
 
 
 def bench_serve(artifact: str | Path | None, url: str | None = None, model_name: str | None = None,
@@ -235,8 +279,9 @@ def bench_serve(artifact: str | Path | None, url: str | None = None, model_name:
     total = prompt_len + (prefix_len if workload == "shared-prefix" else 0)
     if model and total + new_tokens > model.max_context:
         raise UsageError(f"prompt {total} + new tokens {new_tokens} exceed the artifact's context {model.max_context}")
-    prompts = request_set(workload, requests, prompt_len, prefix_len, model.vocab_size if model else PROMPT_VOCAB,
-                          model.eos_token_id if model else None)
+    vocab, eos = (model.vocab_size, model.eos_token_id) if model else (PROMPT_VOCAB, None)
+    prompts = request_set(workload, requests, prompt_len, prefix_len, vocab, eos)
+    warmup = warmup_set(prompts, workload, max(concurrency), prompt_len, prefix_len, vocab, eos)
     unknown = [p for p in compare if p not in PEERS]
     if unknown or (compare and not artifact):
         raise UsageError(f"--compare takes {', '.join(PEERS)} with an ARTIFACT (its checkpoint is what the peer serves)"
@@ -262,14 +307,17 @@ def bench_serve(artifact: str | Path | None, url: str | None = None, model_name:
             processes.append(proc)
             systems.append(("vllm", peer_url, peer_model, None))
         for _, system_url, system_model, key in systems:
-            run_server_level(system_url, system_model, prompts[:2], 4, 2, key)  # warm-up
+            run_server_level(system_url, system_model, warmup, 4, len(warmup), key)
         for level, c in enumerate(concurrency):
             order = systems if level % 2 == 0 else systems[::-1]  # alternate who goes first
             for name, system_url, system_model, key in order:
-                rows.append({**run_server_level(system_url, system_model, prompts, new_tokens, c, key), "system": name})
+                settled = wait_quiet()
+                rows.append({**run_server_level(system_url, system_model, prompts, new_tokens, c, key), "system": name,
+                             "settled_s": settled})
                 echo(_line(rows[-1]))
             if baseline and model is not None:
-                rows.append(run_baseline_level(model, prompts, new_tokens, c))
+                settled = wait_quiet()
+                rows.append({**run_baseline_level(model, prompts, new_tokens, c), "settled_s": settled})
                 echo(_line(rows[-1]))
     finally:
         for proc in processes:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -209,13 +211,61 @@ def test_cached_tokens_in_usage_and_metrics(exported):
 def test_bench_serve_request_sets_are_the_same_for_every_system():
     """Prompt ids come from one range whatever serves them (an artifact's 50304-row vocabulary drew from all of it,
     --url from 50000: two systems measured on different requests); shared-prefix requests share their prefix."""
-    from neodeploy.serve.throughput import request_set
+    from neodeploy.serve.throughput import request_set, warmup_set
 
     ours = request_set("random", 8, 128, 0, 50304, 0)
     theirs = request_set("random", 8, 128, 0, 50000, None)
     assert ours == theirs and max(max(p) for p in ours) < 50000 and 0 not in {t for p in ours for t in p}
     shared = request_set("shared-prefix", 4, 16, 512, 50304, 0)
     assert all(len(p) == 528 and p[:512] == shared[0][:512] for p in shared) and len({tuple(p[512:]) for p in shared}) == 4
+    # The warm-up: as many requests as the busiest level, none of them measured; a shared prefix is the measured one.
+    warm = warmup_set(ours, "random", 8, 128, 0, 50304, 0)
+    assert len(warm) == 8 and all(len(p) == 128 for p in warm) and not {tuple(p) for p in warm} & {tuple(p) for p in ours}
+    warm = warmup_set(shared, "shared-prefix", 4, 16, 512, 50304, 0)
+    assert all(len(p) == 528 and p[:512] == shared[0][:512] for p in warm)
+    assert not {tuple(p[512:]) for p in warm} & {tuple(p[512:]) for p in shared}
+
+
+def test_bench_serve_waits_for_two_quiet_windows_before_a_level_and_gives_up_at_its_limit():
+    """The busy / idle ticks are scripted: busy windows reset the count, two quiet ones in a row end the wait, and a
+    machine that never goes quiet is waited on for the limit only."""
+    from neodeploy.serve.throughput import wait_quiet
+
+    def scripted(windows):  # each window: (busy, idle) ticks spent in it
+        totals = [(0, 0)]
+        for busy, idle in windows:
+            totals.append((totals[-1][0] + busy, totals[-1][1] + idle))
+        return iter(totals).__next__
+
+    naps = []
+    waited = wait_quiet(times=scripted([(10, 0), (1, 9), (8, 2), (1, 9), (0, 10), (10, 0)]), sleep=naps.append)
+    assert waited == pytest.approx(0.5) and len(naps) == 5  # quiet at windows 4 and 5, not at 2 alone
+    ticks = [0]
+
+    def always_busy():
+        ticks[0] += 10
+        return ticks[0], 0
+
+    assert wait_quiet(limit=1.0, times=always_busy, sleep=lambda s: None) == pytest.approx(1.0)
+    assert wait_quiet(times=lambda: None, sleep=naps.append) == 1.0 and naps[-1] == 1.0  # no /proc/stat: a flat second
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads /proc/stat")
+def test_bench_serve_outlasts_a_process_that_keeps_the_cpu_busy():
+    """As vLLM's server does for about a second after its last request: the next level starts after it stops."""
+    import subprocess
+    import sys
+
+    from neodeploy.serve.throughput import wait_quiet
+
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 0.8\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.1)
+        wait_quiet(limit=10.0)
+        assert spinner.poll() is not None, "the wait ended while the spinner still kept a CPU busy"
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 
