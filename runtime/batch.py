@@ -212,6 +212,7 @@ class DecodeBatch:
                 p[n : n + m, :, width - other.width : width] = t[:, :, : other.width]
             self._rotate(pool, slice(n, n + m), width - other.width, width, width - other.width)
             self.backend.set_rows(self.state, n + m)
+            self._consume(other)
         else:
             mine = self.backend.cache_arrays(self.state, n, self.width) if n else None
             merged = []
@@ -224,11 +225,18 @@ class DecodeBatch:
             self._rotate(merged, slice(0, n), width - self.width, width, width - self.width)
             self._rotate(merged, slice(n, n + m), width - other.width, width, width - other.width)
             self.state = self.backend.wrap_cache(merged)
+            self._consume(other)
+
         def pad(mask, w):
             return np.concatenate([np.zeros((mask.shape[0], w - mask.shape[1]), np.int64), mask], axis=1)
 
         self.mask = np.concatenate([pad(self.mask, width), pad(other.mask, width)], axis=0)
         self.lengths = np.concatenate([self.lengths, other.lengths])
+
+    def _consume(self, other: DecodeBatch) -> None:
+        """other's rows were copied in: its cache's memory goes back to the backend for the next request's."""
+        self.backend.release(other.state)
+        other.state = None
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep these rows (in this order), drop the others, and drop the columns all remaining rows pad."""

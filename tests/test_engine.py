@@ -13,7 +13,8 @@ import pytest
 from conftest import call_log, calls_of, tiny_neo, tiny_neox
 from neodeploy.core.errors import OverloadedError, UsageError
 from neodeploy.runtime import load
-from neodeploy.runtime.batch import RotaryTable
+from neodeploy.runtime.backend import SpareMemory
+from neodeploy.runtime.batch import DecodeBatch, RotaryTable
 from neodeploy.runtime.engine import Engine, EngineConfig, parse_kv_budget
 from neodeploy.runtime.sampling import SamplingParams
 
@@ -283,6 +284,49 @@ def test_rotary_table_moves_keys_like_rotating_at_the_new_index():
     table.shift(moved, 20, 60, 20)
     np.testing.assert_allclose(moved[:, :, 20:60], rotated_at(20), atol=2e-5)
     np.testing.assert_array_equal(moved[..., 16:][:, :, 20:], raw[..., 16:])  # beyond the rotary dims: untouched
+
+
+def test_a_joined_request_s_cache_memory_serves_the_next_and_its_old_values_change_nothing(model):
+    """Each prefill runs in a cache of its own, copied into the batch when it joins; that memory then serves the
+    next request (faulting fresh pages in cost more than a cache hit's own tokens). Poisoned here with large values
+    beyond what the next request writes: its logits, at prefill and at each step, equal those in fresh memory."""
+    backend = model.backend
+    if not backend.in_place:
+        pytest.skip("only an in-place cache (CPU target) is allocated per request on the host")
+    pad = model.pad_token_id
+    first = DecodeBatch(backend)
+    first.prefill([[5, 6, 7, 8, 9, 10]], pad, capacity=12)
+    released = first.state.memory
+    DecodeBatch(backend, rows=2, capacity=32).join(first)
+    assert first.state is None
+    released[:] = 1e4
+
+    def run():
+        batch = DecodeBatch(backend)
+        logits = [batch.prefill([[11, 12, 13]], pad, capacity=12)]
+        logits += [batch.step(np.array([t])) for t in (14, 15, 16)]
+        return batch, logits
+
+    recycled, got = run()
+    assert np.shares_memory(recycled.state.memory, released)
+    fresh, want = run()  # nothing is spare now: fresh memory
+    assert not np.shares_memory(fresh.state.memory, released)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+def test_spare_cache_memory_gives_the_smallest_that_fits_and_keeps_to_its_limit():
+    spare = SpareMemory(np.float32, limit=1000 * 4)
+    small, large, huge = (np.zeros(n, np.float32) for n in (300, 600, 1200))
+    spare.give(large)
+    spare.give(small)
+    spare.give(huge)  # over the limit alone: not kept
+    spare.give(np.zeros(100, np.float16))  # another dtype: not kept
+    taken = spare.take(250)
+    assert taken.size == 250 and np.shares_memory(taken, small)
+    assert spare.take(700) is None
+    spare.give(taken)  # its whole buffer comes back
+    spare.give(np.zeros(500, np.float32))  # 300 + 600 + 500 > 1000: the oldest (600) goes
+    assert spare.take(600) is None and spare.take(300).size == 300 and spare.take(500).size == 500
 
 
 def test_rows_that_leave_are_filled_from_the_end():
