@@ -8,8 +8,8 @@
 
 At every step boundary finished sequences (eos, stop id or string, length, cancel) leave the batch and waiting
 requests are admitted and prefilled: those that arrive together in one left-padded call (_group), a long prompt
-in chunks (`prefill_chunk` while nothing decodes, `busy_prefill_chunk` while others do, so it never stalls their
-decoding for its whole length), prompts the prefix cache serves from their cached prefix; their caches then join
+in chunks (`prefill_chunk` while nothing decodes; while others do, one call of at most `busy_prefill_chunk` tokens
+per step, so their next token never waits for more than one), prompts the prefix cache serves from their cached prefix; their caches then join
 the decode batch (runtime/batch.py). Requests are kept in waves that decode in step: requests that arrive while a
 wave is prefilled join it before its first step (_wave_grows), newcomers wait for a batch that ends sooner than
 their prefill would take (_waits_for_end), and after a batch ends at one step the loop waits briefly for its
@@ -106,8 +106,9 @@ class EngineConfig:
     # included). A wave of 8 x 128-token prompts runs as two calls of 4 before its first step: its first half
     # answers in half the time (pythia-160m, 8 clients: TTFT p50 ~320 ms against ~460 with 1024 in one call)
     prefill_chunk: int = 512
-    # ... and while others decode: bounds how long a newcomer delays their next token (pythia-160m, 8 clients: 64
-    # halved the p99 gap between tokens, 200 -> 90 ms, for 8 % less throughput than 256; docs/benchmarks.md)
+    # ... and while others decode, the tokens of the one prefill call made between two of their steps: bounds how
+    # long a newcomer delays their next token (pythia-160m, 8 clients: 64 halved the p99 gap between tokens,
+    # 200 -> 90 ms, for 8 % less throughput than 256; docs/benchmarks.md)
     busy_prefill_chunk: int = 64
     # After several requests end at the same step (clients in a loop, a batch job), wait up to this many seconds for
     # their next requests so they are prefilled together and decode in step: their token gaps then never include
@@ -452,9 +453,11 @@ class Engine:
     def _prefill(self) -> None:
         if self._waits_for_end():
             return
-        wave = not self._running or self._wave_open()
-        budget = self.config.prefill_chunk if wave else self.config.busy_prefill_chunk
+        busy = bool(self._running) and not self._wave_open()
+        budget = self.config.busy_prefill_chunk if busy else self.config.prefill_chunk
         while used := self._prefill_group(budget):
+            if busy:
+                return
             # While every running row has only just taken its first token, the requests that arrived with them
             # are prefilled too, a call of up to prefill_chunk tokens each, before the wave's first decode step:
             # the wave then decodes in step and ends at one step, and its next requests start together again.
@@ -468,7 +471,10 @@ class Engine:
                 start = time.perf_counter()
                 logits, used = self._prefill_chunk(entry, budget)
                 self._timed_prefill(used, time.perf_counter() - start)
-                budget -= used
+                # While rows decode, one call per step: a call costs mostly its read of the weights, whatever its
+                # tokens (a cache hit's 16 cost ~38 ms on pythia-160m, a 64-token chunk ~60), so four hits within
+                # one 64-token budget held every running row's next token for ~150 ms.
+                budget = 0 if busy else budget - used
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 self._prefilling.remove(entry)
                 self._fail([entry], exc)

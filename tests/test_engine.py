@@ -382,6 +382,35 @@ def test_requests_that_arrive_while_a_wave_is_prefilled_join_it_before_its_first
         assert got.output_ids == model.generate(p, max_new_tokens=5)[0].output_ids
 
 
+def test_while_rows_decode_each_step_waits_for_one_prefill_call_at_most(model):
+    """Three cache hits of 8 tokens of their own arrive while a request decodes: they fit one busy_prefill_chunk
+    together, but each call reads all the weights, so the running row's steps take them one at a time (the portable
+    graph runs them as one stacked call). Outputs are exact."""
+    engine = Engine(model, EngineConfig(max_running=4, regroup_wait=0))
+    rng = random.Random(13)
+    system = [rng.randrange(1, 300) for _ in range(40)]
+    running = [rng.randrange(1, 300) for _ in range(12)]
+    hits = [system + [rng.randrange(1, 300) for _ in range(8)] for _ in range(3)]
+    late = []
+
+    def arrive(method, shape):
+        steps = sum(m == "decode" and s[1] == 1 for m, s in log)
+        if method == "decode" and steps == 2 and not late:
+            late.extend(engine.submit(p, max_new_tokens=4) for p in hits)
+
+    with contextlib.closing(engine):
+        engine.submit(system + [1], max_new_tokens=1).result(timeout=60)  # caches the system prompt
+        with call_log(model.backend, "prefill", "decode", hook=arrive) as log:
+            first = engine.submit(running, max_new_tokens=30)
+            results = [first.result(timeout=60)] + [h.result(timeout=60) for h in late]
+    assert [h.cached_tokens for h in late] == [32] * 3
+    steps = [i for i, (m, shape) in enumerate(log) if m == "decode" and shape[1] == 1]
+    between = [b - a - 1 for a, b in zip(steps, steps[1:])]
+    assert max(between) == 1, log
+    for p, n, got in zip([running, *hits], [30, 4, 4, 4], results):
+        assert got.output_ids == model.generate(p, max_new_tokens=n)[0].output_ids
+
+
 def test_a_newcomer_waits_for_a_batch_that_ends_sooner_than_its_prefill_would_take(exported):
     """A long prompt that arrives one step before the running request ends waits for that step (its prefill would
     stall the running request longer than the wait costs it); a short one that arrives with steps to go starts at
