@@ -512,11 +512,14 @@ class Engine:
         return bool(self._running) and all(entry.joined == self._steps for entry in self._running)
 
     def _wave_grows(self) -> bool:
-        """Requests arrived, with room for them, while a wave was being prefilled: they join it before its first
-        decode step (the loop admits them next), so arrivals a few milliseconds apart still start in step."""
+        """A wave is still being prefilled: requests that arrived with it are admitted but not done (a prompt longer
+        than one call's prefill_chunk runs in several), or arrived, with room for them, while it was prefilled. They
+        join it before its first decode step, so arrivals a few milliseconds apart still start in step; before, a
+        wave of four 528-token prompts split in pairs that then took turns (the second pair waited for the first to
+        end), every request waiting out another pair's prefill and decoding."""
         with self._lock:
             room = len(self._running) + len(self._prefilling) < self.max_running
-            return self._wave_open() and room and bool(self._waiting)
+            return self._wave_open() and (bool(self._prefilling) or (room and bool(self._waiting)))
 
     def _waits_for_end(self) -> bool:
         """Newcomers wait for a running batch that ends (by its rows' max_new_tokens) sooner than their prefill
@@ -526,6 +529,8 @@ class Engine:
         Estimates are this engine's measured step and prefill times; before it has both, nobody waits."""
         if not self._running or not self._prefilling or self._step_seconds is None or self._prefill_seconds is None:
             return False
+        if self._wave_open():
+            return False  # they arrived with the wave: they start with it
         if any(entry.batch is not None for entry in self._prefilling):
             return False
         ends_in = max(entry.steps_left() for entry in self._running) * self._step_seconds

@@ -382,6 +382,24 @@ def test_requests_that_arrive_while_a_wave_is_prefilled_join_it_before_its_first
         assert got.output_ids == model.generate(p, max_new_tokens=5)[0].output_ids
 
 
+def test_a_wave_of_prompts_longer_than_one_call_is_prefilled_whole_before_its_first_step(model):
+    """Three 40-token prompts arrive together; with 16-token prefill calls each takes three. Nobody decodes until
+    all three are prefilled, and then they decode in step to the end (before, the first to finish decoded at once
+    and the others, made to wait for its end, took turns with it)."""
+    engine = Engine(model, EngineConfig(max_running=3, prefill_chunk=16, busy_prefill_chunk=16, prefix_cache=0))
+    rng = random.Random(14)
+    prompts = [[rng.randrange(1, 300) for _ in range(40)] for _ in range(3)]
+    with call_log(model.backend, "prefill", "decode") as log, contextlib.closing(engine):
+        with engine._lock:
+            handles = [engine.submit(p, max_new_tokens=6) for p in prompts]
+        results = [h.result(timeout=60) for h in handles]
+    steps = [i for i, (m, shape) in enumerate(log) if m == "decode" and shape[1] == 1]
+    assert sum(shape[1] for m, shape in log[: steps[0]]) == 3 * 40  # every prompt token before the first step
+    assert [log[i][1] for i in steps] == [(3, 1)] * 5
+    for p, got in zip(prompts, results):
+        assert got.output_ids == model.generate(p, max_new_tokens=6)[0].output_ids
+
+
 def test_while_rows_decode_each_step_waits_for_one_prefill_call_at_most(model):
     """Three cache hits of 8 tokens of their own arrive while a request decodes: they fit one busy_prefill_chunk
     together, but each call reads all the weights, so the running row's steps take them one at a time (the portable
