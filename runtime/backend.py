@@ -86,14 +86,13 @@ class InPlaceCache:
 
     def __init__(self, ort, count: int, shape: tuple[int, int, int, int], dtype, memory: np.ndarray | None = None):
         # The arrays are views into one flat buffer, so a consumed cache's memory can serve the next one whole.
-        need = count * math.prod(shape)
+        size = math.prod(shape)
         if memory is None:
-            memory = np.zeros(need, dtype=dtype)
+            memory = np.zeros(count * size, dtype=dtype)
             # Fault the pages in now: np.zeros maps them lazily, and with transparent huge pages the first write to
             # each row of a large pool would zero ~150 MB mid-serving (measured: 330 ms per row joining, pythia-160m).
             memory.fill(0)
         self.memory = memory
-        size = math.prod(shape)
         self.arrays = [memory[i * size : (i + 1) * size].reshape(shape) for i in range(count)]
         self._ort = ort
         self.rows = shape[0]
@@ -124,7 +123,7 @@ class InPlaceCache:
 class SpareMemory:
     """The memory of consumed per-request caches, kept for the next ones. Each request's prefill (and each prefix
     cache hit) runs in a cache of its own that is copied into the batch when it joins; faulting fresh pages in for
-    every one cost 8-109 ms per 39 MB (pythia-160m, 528 tokens; 2-core VM, measured in `serve`), more than the hit's
+    every one cost 8-117 ms per 39 MB (pythia-160m, 528 tokens; 2-core VM, measured in `serve`), more than the hit's
     own 16 tokens. Reused buffers hold only earlier keys and values (finite numbers): a cache reads no position past
     a row's length, and the positions a prefill pads are written by it. At most `limit` bytes are kept, newest
     first."""

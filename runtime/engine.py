@@ -9,8 +9,8 @@
 At every step boundary finished sequences (eos, stop id or string, length, cancel) leave the batch and waiting
 requests are admitted and prefilled: those that arrive together in one left-padded call (_group), a long prompt
 in chunks (`prefill_chunk` while nothing decodes; while others do, one call of at most `busy_prefill_chunk` tokens
-per step, so their next token never waits for more than one), prompts the prefix cache serves from their cached prefix; their caches then join
-the decode batch (runtime/batch.py). Requests are kept in waves that decode in step: requests that arrive while a
+per step, so their next token never waits for more than one), prompts the prefix cache serves from their cached
+prefix; their caches then join the decode batch (runtime/batch.py). Requests are kept in waves that decode in step: requests that arrive while a
 wave is prefilled join it before its first step (_wave_grows), newcomers wait for a batch that ends sooner than
 their prefill would take (_waits_for_end), and after a batch ends at one step the loop waits briefly for its
 clients' next requests (_regroup). A wave's rows then never wait for a newcomer's prefill between two tokens. A
