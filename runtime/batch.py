@@ -212,7 +212,6 @@ class DecodeBatch:
                 p[n : n + m, :, width - other.width : width] = t[:, :, : other.width]
             self._rotate(pool, slice(n, n + m), width - other.width, width, width - other.width)
             self.backend.set_rows(self.state, n + m)
-            self._consume(other)
         else:
             mine = self.backend.cache_arrays(self.state, n, self.width) if n else None
             merged = []
@@ -225,7 +224,7 @@ class DecodeBatch:
             self._rotate(merged, slice(0, n), width - self.width, width, width - self.width)
             self._rotate(merged, slice(n, n + m), width - other.width, width, width - other.width)
             self.state = self.backend.wrap_cache(merged)
-            self._consume(other)
+        self._consume(other)
 
         def pad(mask, w):
             return np.concatenate([np.zeros((mask.shape[0], w - mask.shape[1]), np.int64), mask], axis=1)

@@ -10,12 +10,12 @@ At every step boundary finished sequences (eos, stop id or string, length, cance
 requests are admitted and prefilled: those that arrive together in one left-padded call (_group), a long prompt
 in chunks (`prefill_chunk` while nothing decodes; while others do, one call of at most `busy_prefill_chunk` tokens
 per step, so their next token never waits for more than one), prompts the prefix cache serves from their cached
-prefix; their caches then join the decode batch (runtime/batch.py). Requests are kept in waves that decode in step: requests that arrive while a
-wave is prefilled join it before its first step (_wave_grows), newcomers wait for a batch that ends sooner than
-their prefill would take (_waits_for_end), and after a batch ends at one step the loop waits briefly for its
-clients' next requests (_regroup). A wave's rows then never wait for a newcomer's prefill between two tokens. A
-request yields exactly what `Model.generate` yields for it alone: the same Sequence (sampler with its own RNG,
-text stream, stop rules) runs it.
+prefix; their caches then join the decode batch (runtime/batch.py). Requests are kept in waves that decode in step:
+requests that arrive while a wave is prefilled join it before its first step (_wave_grows), newcomers wait for a
+batch that ends sooner than their prefill would take (_waits_for_end), and after a batch ends at one step the loop
+waits briefly for its clients' next requests (_regroup). A wave's rows then never wait for a newcomer's prefill
+between two tokens. A request yields exactly what `Model.generate` yields for it alone: the same Sequence (sampler
+with its own RNG, text stream, stop rules) runs it.
 
 Memory: the KV cache of the running slots is allocated once, up front, on the CPU target (in-place cache):
     bytes = 2 (key, value) x layers x max_running x capacity x hidden_size x bytes per element (4 fp32, 2 fp16)
@@ -457,7 +457,7 @@ class Engine:
         budget = self.config.busy_prefill_chunk if busy else self.config.prefill_chunk
         while used := self._prefill_group(budget):
             if busy:
-                return
+                return  # one call per step while rows decode (see below)
             # While every running row has only just taken its first token, the requests that arrived with them
             # are prefilled too, a call of up to prefill_chunk tokens each, before the wave's first decode step:
             # the wave then decodes in step and ends at one step, and its next requests start together again.
